@@ -1,0 +1,82 @@
+// The pybind11 module: one generic entry point `call`, plus facts for `python -m leanvae info`.
+// Compiled twice: into leanvae_kernels._C (CPU kernels) and leanvae_kernels._C_cuda (CUDA kernels).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <tuple>
+
+#include "common/kernel_args.h"
+
+#ifndef LEANVAE_MODULE_NAME
+#error "LEANVAE_MODULE_NAME must be defined by the build"
+#endif
+#ifndef LEANVAE_SOURCE_HASH
+#define LEANVAE_SOURCE_HASH "unknown"
+#endif
+#ifndef LEANVAE_BUILD_INFO
+#define LEANVAE_BUILD_INFO ""
+#endif
+
+namespace py = pybind11;
+using namespace leanvae;
+
+// Bumped whenever the Python <-> native calling convention changes; _native.py checks it.
+static constexpr int kApiVersion = 1;
+
+using PyTensor = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
+
+#ifdef LEANVAE_WITH_CUDA
+namespace leanvae {
+std::string cuda_runtime_info();  // defined in cuda/runtime_info.cu
+}
+#endif
+
+static TensorView to_view(const PyTensor& t, size_t index, const std::string& name) {
+  TensorView v;
+  v.data = reinterpret_cast<void*>(std::get<0>(t));
+  v.dtype = std::get<1>(t);
+  const auto& shape = std::get<2>(t);
+  const auto& stride = std::get<3>(t);
+  if (shape.size() != stride.size() || shape.size() > static_cast<size_t>(kMaxDims))
+    throw std::invalid_argument(name + ": tensor " + std::to_string(index) + " has a bad shape/stride description");
+  if (v.dtype < kFloat32 || v.dtype > kFloat64)
+    throw std::invalid_argument(name + ": tensor " + std::to_string(index) + " has unsupported dtype code " +
+                                std::to_string(v.dtype));
+  v.ndim = static_cast<int>(shape.size());
+  for (int d = 0; d < v.ndim; ++d) {
+    v.shape[d] = shape[d];
+    v.stride[d] = stride[d];
+  }
+  return v;
+}
+
+PYBIND11_MODULE(LEANVAE_MODULE_NAME, m) {
+  m.doc() = "leanvae-kernels native kernels (see leanvae_kernels/_native.py)";
+  m.attr("API_VERSION") = kApiVersion;
+  m.attr("SOURCE_HASH") = LEANVAE_SOURCE_HASH;
+  m.attr("BUILD_INFO") = LEANVAE_BUILD_INFO;
+  m.def("kernels", &kernel_names, "Names of the kernels in this module.");
+  m.def(
+      "call",
+      [](const std::string& name, const std::vector<PyTensor>& tensors, const std::vector<int64_t>& ints,
+         const std::vector<double>& floats, uintptr_t stream, int device, int num_threads) {
+        KernelFn fn = find_kernel(name);
+        if (!fn) throw std::invalid_argument("leanvae native: no kernel named '" + name + "' in this module");
+        KernelArgs args;
+        args.name = name;
+        args.tensors.reserve(tensors.size());
+        for (size_t i = 0; i < tensors.size(); ++i) args.tensors.push_back(to_view(tensors[i], i, name));
+        args.ints = ints;
+        args.floats = floats;
+        args.stream = reinterpret_cast<void*>(stream);
+        args.device = device;
+        args.num_threads = num_threads < 1 ? 1 : num_threads;
+        py::gil_scoped_release release;
+        fn(args);
+      },
+      py::arg("name"), py::arg("tensors"), py::arg("ints"), py::arg("floats"), py::arg("stream"), py::arg("device"),
+      py::arg("num_threads"));
+#ifdef LEANVAE_WITH_CUDA
+  m.def("cuda_runtime_info", &cuda_runtime_info, "CUDA runtime version and visible devices, as text.");
+#endif
+}

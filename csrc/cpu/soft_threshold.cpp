@@ -1,0 +1,84 @@
+// Soft threshold on the CPU: out = sign(x) * relu(|x| - theta), and its backward.
+// x, out, grad, grad_x: contiguous, one dtype; theta: one element of any float dtype.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu_common.h"
+
+namespace leanvae {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 14;  // elements per OpenMP work item
+
+template <class A>
+inline A sign_of(A v) { return v > A(0) ? A(1) : (v < A(0) ? A(-1) : A(0)); }
+// torch's relu: NaN propagates.
+template <class A>
+inline A relu_nan(A v) { return v > A(0) ? v : (v != v ? v : A(0)); }
+
+template <class T>
+void fwd(const T* x, T* out, int64_t n, acc_t<T> theta, int threads) {
+  using A = acc_t<T>;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
+    for (int64_t i = lo; i < hi; ++i) {
+      const A v = load(x + i);
+      store(out + i, sign_of(v) * relu_nan(std::abs(v) - theta));
+    }
+  }
+}
+
+// grad_x = (grad * sign(x)) * sign(x) where |x| - theta > 0, else 0 (autograd's order of operations);
+// partials[b] = sum over block b of grad * sign(x) where |x| - theta > 0 (grad_theta = -sum(partials)).
+template <class T>
+void bwd(const T* grad, const T* x, T* grad_x, acc_t<T>* partials, int64_t n, int64_t block, acc_t<T> theta,
+         int threads) {
+  using A = acc_t<T>;
+  const int64_t blocks = (n + block - 1) / block;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t lo = b * block, hi = std::min(n, lo + block);
+    A sum = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+      const A v = load(x + i), s = sign_of(v);
+      const A gs = (std::abs(v) - theta > A(0)) ? load(grad + i) * s : A(0);
+      store(grad_x + i, gs * s);
+      sum += gs;
+    }
+    partials[b] = sum;
+  }
+  if (blocks == 0) partials[0] = 0;
+}
+
+void soft_threshold_fwd_cpu(const KernelArgs& a) {
+  const TensorView &x = a.t(0), &theta = a.t(1), &out = a.t(2);
+  const double th = read_scalar(theta);
+  dispatch_float(x.dtype, a.name, [&](auto tag) {
+    using T = decltype(tag);
+    fwd<T>(x.ptr<const T>(), out.ptr<T>(), x.numel(), static_cast<acc_t<T>>(th), a.num_threads);
+  });
+}
+
+void soft_threshold_bwd_cpu(const KernelArgs& a) {
+  const TensorView &grad = a.t(0), &x = a.t(1), &theta = a.t(2), &grad_x = a.t(3), &partials = a.t(4);
+  const int64_t block = a.i(0);
+  const double th = read_scalar(theta);
+  dispatch_float(x.dtype, a.name, [&](auto tag) {
+    using T = decltype(tag);
+    bwd<T>(grad.ptr<const T>(), x.ptr<const T>(), grad_x.ptr<T>(), partials.ptr<acc_t<T>>(), x.numel(), block,
+           static_cast<acc_t<T>>(th), a.num_threads);
+  });
+}
+
+}  // namespace
+
+LEANVAE_REGISTER_KERNEL("soft_threshold_fwd", soft_threshold_fwd_cpu);
+LEANVAE_REGISTER_KERNEL("soft_threshold_bwd", soft_threshold_bwd_cpu);
+
+}  // namespace cpu
+}  // namespace leanvae

@@ -1,0 +1,154 @@
+"""Backend selection: which implementation (cuda, triton, cpu, reference) runs an op for a given tensor.
+
+The process-wide setting comes from `set_backend(...)` or the environment variable
+`LEANVAE_KERNELS_BACKEND`; `"auto"` (the default) picks the fastest backend available for the tensor's
+device and dtype and falls back silently; an explicitly requested backend that cannot run raises
+`BackendUnavailable` saying why. Under `torch.compile` the setting is read when the graph is traced.
+"""
+import contextlib
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "LEANVAE_KERNELS_BACKEND"
+
+# Preference order for "auto", by device type. The Triton interpreter is never chosen automatically on
+# the CPU: it exists to test the Triton kernels, not to run them fast.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this op on this input; the message says why."""
+
+
+def _validate(name, what="backend"):
+    if not isinstance(name, str) or name not in CHOICES:
+        raise ValueError(f"{what} must be one of {CHOICES}, got {name!r}")
+    return name
+
+
+def _from_env():
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    return _validate(value, f"environment variable {ENV_VAR}")
+
+
+_setting = None  # None: follow the environment variable
+
+
+def set_backend(name):
+    """Set the process-wide backend ("auto", "cuda", "triton", "cpu" or "reference"); returns the previous one."""
+    global _setting
+    previous = get_backend()
+    _setting = _validate(name)
+    return previous
+
+
+def get_backend():
+    """The process-wide backend setting."""
+    return _setting if _setting is not None else _from_env()
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """`with use_backend("cpu"): ...` sets the backend for the block and restores it afterwards."""
+    global _setting
+    saved = _setting
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _setting = saved
+
+
+def resolve(requested):
+    """The backend name an op call should use: `requested`, or the process setting when None."""
+    return get_backend() if requested is None else _validate(requested)
+
+
+# ------------------------------------------------------------------------------------ availability
+def triton_status(device_type):
+    """(available, reason) for running Triton kernels on tensors of `device_type`."""
+    from . import _triton
+
+    return _triton.status(device_type)
+
+
+def native_status(backend):
+    """(available, reason) for the native module behind `backend` ("cpu" or "cuda")."""
+    from . import _native
+
+    mod, reason = _native.module(backend)
+    return mod is not None, reason
+
+
+def backend_status(backend, device_type):
+    """(available, reason) for `backend` on tensors of `device_type`, independent of any op."""
+    if backend == "reference":
+        return True, "pure PyTorch"
+    if backend == "triton":
+        return triton_status(device_type)
+    if backend == "cpu":
+        if device_type != "cpu":
+            return False, f"the cpu backend runs on CPU tensors, not {device_type}"
+        return native_status("cpu")
+    if backend == "cuda":
+        if device_type != "cuda":
+            return False, f"the cuda backend runs on CUDA tensors, not {device_type}"
+        return native_status("cuda")
+    return False, f"unknown backend {backend!r}"
+
+
+class OpBackends:
+    """The implementations of one op, by backend, and the choice among them for a call.
+
+    Each implementation is registered with the dtypes it supports:
+
+        fwd = OpBackends("soft_threshold")
+        @fwd.register("cpu", dtypes=ALL_FLOAT)
+        def _(x, theta): ...
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self.impls = {}
+
+    def register(self, backend, dtypes):
+        if backend not in BACKENDS:
+            raise ValueError(f"{self.name}: unknown backend {backend!r}")
+
+        def deco(fn):
+            self.impls[backend] = (fn, frozenset(dtypes))
+            return fn
+
+        return deco
+
+    def status(self, backend, device_type, dtype=None):
+        """(available, reason) for this op on `backend` for tensors of `device_type`/`dtype`."""
+        if backend not in self.impls:
+            return False, f"{self.name} has no {backend} implementation"
+        ok, reason = backend_status(backend, device_type)
+        if not ok:
+            return ok, reason
+        dtypes = self.impls[backend][1]
+        if dtype is not None and dtype not in dtypes:
+            names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+            return False, f"{self.name} on {backend} supports {names}, not {str(dtype).replace('torch.', '')}"
+        return True, reason
+
+    def select(self, requested, device, dtype):
+        """The implementation to call for a tensor on `device` with `dtype`, per `requested`."""
+        device_type = device.type if isinstance(device, torch.device) else str(device)
+        if requested == "auto":
+            for backend in _AUTO_ORDER.get(device_type, ("reference",)):
+                if self.status(backend, device_type, dtype)[0]:
+                    return self.impls[backend][0]
+            raise BackendUnavailable(f"{self.name}: no backend can run on {device_type} {dtype}")
+        ok, reason = self.status(requested, device_type, dtype)
+        if not ok:
+            raise BackendUnavailable(f"{self.name}: backend {requested!r} is not available: {reason}")
+        return self.impls[requested][0]
+
+    def __call__(self, requested, device, dtype, *args):
+        return self.select(requested, device, dtype)(*args)

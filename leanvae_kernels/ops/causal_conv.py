@@ -1,0 +1,158 @@
+"""Causal depthwise 3x3x3 convolution on channels-last tokens (the model's PEG3D), with cache state.
+
+Contract (../shared/DESIGN.md):
+    x: (B, T, H, W, C) any strides, weight: (C, 1, 3, 3, 3), bias: (C,) or None.
+    Causal mode (group_size == 0):
+        y[b,t,h,w,c] = bias[c] + sum_{i,j,k} weight[c,0,i,j,k] * xp[b, t+i, h+j-1, w+k-1, c]
+        where xp is x with two frames in front (zeros, or `cache`: (B, 2, H, W, C), the previous chunk's
+        last two *input* frames) and zeros outside H and W. new_cache = last two frames of
+        cat(cache or zeros, x) along T, so a one-frame chunk works.
+    Group-causal mode (group_size = g > 0, IV-VAE's GCConv): frames are split into groups of g from the
+        start of the call; within a group taps are centred (t-1, t, t+1); the tap before a group's first
+        frame reads the previous group's last frame (first group: `cache` (B, 1, H, W, C), or zeros); the
+        tap after a group's last frame reads zeros. new_cache = the call's last frame (B, 1, H, W, C).
+    residual=True returns y + x (the model's ResNAF adds it).
+Chunked calls that pass the returned cache equal one full call exactly (chunks of whole groups in
+group mode).
+"""
+import torch
+import torch.nn.functional as F
+
+from .._backend import OpBackends, resolve
+from ._common import ALL_DTYPES, acc_dtype, check_same_device, check_same_dtype, check_tensor, describe, vjp
+
+
+def _cache_frames(group_size):
+    return 1 if group_size > 0 else 2
+
+
+def causal_dwconv3d_reference(x, weight, bias=None, cache=None, residual=False, group_size=0):
+    """The spec, in float32 (float64 for float64). Returns (y, new_cache); y: (B, T, H, W, C) in x's dtype."""
+    acc = acc_dtype(x.dtype)
+    b, t, h, w, c = x.shape
+    n_cache = _cache_frames(group_size)
+    xf = x.to(acc)
+    prev = cache.to(acc) if cache is not None else xf.new_zeros((b, n_cache, h, w, c))
+    wf = weight.to(acc)
+    bf = bias.to(acc) if bias is not None else None
+    if group_size == 0:
+        xp = torch.cat([prev, xf], dim=1).permute(0, 4, 1, 2, 3)            # (B, C, T+2, H, W)
+        y = F.conv3d(F.pad(xp, (1, 1, 1, 1)), wf, bf, groups=c)
+    else:
+        outs, last = [], prev
+        for start in range(0, t, group_size):
+            g = xf[:, start : start + group_size]
+            xp = torch.cat([last, g, torch.zeros_like(g[:, :1])], dim=1).permute(0, 4, 1, 2, 3)
+            outs.append(F.conv3d(F.pad(xp, (1, 1, 1, 1)), wf, bf, groups=c))
+            last = g[:, -1:]
+        y = torch.cat(outs, dim=2)
+    y = y.permute(0, 2, 3, 4, 1)
+    if residual:
+        y = y + xf
+    new_cache = torch.cat([prev, xf], dim=1)[:, -n_cache:]
+    return y.to(x.dtype), new_cache.to(x.dtype).contiguous()
+
+
+def _check(x, weight, bias, cache, residual, group_size):
+    op = "causal_dwconv3d"
+    check_tensor(op, "x", x, ndim=5, layout="(B, T, H, W, C)")
+    check_tensor(op, "weight", weight, ndim=5, layout="(C, 1, 3, 3, 3)")
+    check_tensor(op, "bias", bias, ndim=1, layout="(C,)", optional=True)
+    check_tensor(op, "cache", cache, ndim=5, layout="(B, frames, H, W, C)", optional=True)
+    named = [("x", x), ("weight", weight), ("bias", bias), ("cache", cache)]
+    check_same_device(op, named)
+    check_same_dtype(op, named)
+    b, t, h, w, c = x.shape
+    if min(b, t, h, w, c) == 0:
+        raise ValueError(f"{op}: x must not be empty, got {describe(x)}")
+    if tuple(weight.shape) != (c, 1, 3, 3, 3):
+        raise ValueError(f"{op}: weight must be (C, 1, 3, 3, 3) = ({c}, 1, 3, 3, 3) for x with C={c}, got {describe(weight)}")
+    if bias is not None and tuple(bias.shape) != (c,):
+        raise ValueError(f"{op}: bias must be (C,) = ({c},), got {describe(bias)}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
+        raise ValueError(f"{op}: group_size must be an int >= 0 (0: causal mode), got {group_size!r}")
+    n_cache = _cache_frames(group_size)
+    if cache is not None and tuple(cache.shape) != (b, n_cache, h, w, c):
+        raise ValueError(f"{op}: cache must be (B, {n_cache}, H, W, C) = {(b, n_cache, h, w, c)}, got {describe(cache)}")
+
+
+fwd = OpBackends("causal_dwconv3d")
+bwd = OpBackends("causal_dwconv3d_backward")
+fwd.register("reference", ALL_DTYPES)(causal_dwconv3d_reference)
+
+
+@bwd.register("reference", ALL_DTYPES)
+def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
+    def f(x_, w_, b_, c_):
+        return causal_dwconv3d_reference(x_, w_, b_, c_, residual, group_size)
+
+    gx, gw, gb, gc = vjp(f, (x, weight, bias, cache), (grad_y, grad_cache))
+    return gx, gw, gb, gc
+
+
+@torch.library.custom_op("leanvae::causal_dwconv3d", mutates_args=())
+def _conv_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cache: torch.Tensor | None,
+    residual: bool, group_size: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, weight, bias, cache, residual, group_size)
+    y, new_cache = fwd(backend, x.device, x.dtype, x, weight, bias, cache, residual, group_size)
+    return y, new_cache
+
+
+@_conv_op.register_fake
+def _(x, weight, bias, cache, residual, group_size, backend):
+    _check(x, weight, bias, cache, residual, group_size)
+    b, t, h, w, c = x.shape
+    return x.new_empty(x.shape), x.new_empty((b, _cache_frames(group_size), h, w, c))
+
+
+@torch.library.custom_op("leanvae::causal_dwconv3d_backward", mutates_args=())
+def _conv_bwd_op(
+    grad_y: torch.Tensor, grad_cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    cache: torch.Tensor | None, residual: bool, group_size: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, gw, gb, gc = bwd(backend, x.device, x.dtype, grad_y, grad_cache, x, weight, bias, cache, residual, group_size)
+    # Fixed output arity for the schema: absent inputs get an empty gradient, dropped by the autograd glue.
+    empty = x.new_empty((0,))
+    return gx, gw, gb if gb is not None else empty, gc if gc is not None else empty.clone()
+
+
+@_conv_bwd_op.register_fake
+def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size, backend):
+    return (
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        bias.new_empty(bias.shape) if bias is not None else x.new_empty((0,)),
+        cache.new_empty(cache.shape) if cache is not None else x.new_empty((0,)),
+    )
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, cache, residual, group_size, backend = inputs
+    ctx.save_for_backward(x, weight, bias, cache)
+    ctx.residual, ctx.group_size, ctx.backend = residual, group_size, backend
+
+
+def _backward(ctx, grad_y, grad_cache):
+    x, weight, bias, cache = ctx.saved_tensors
+    b, t, h, w, c = x.shape
+    if grad_y is None:
+        grad_y = x.new_zeros(x.shape)
+    if grad_cache is None:
+        grad_cache = x.new_zeros((b, _cache_frames(ctx.group_size), h, w, c))
+    gx, gw, gb, gc = _conv_bwd_op(grad_y, grad_cache, x, weight, bias, cache, ctx.residual, ctx.group_size, ctx.backend)
+    return gx, gw, gb if bias is not None else None, gc if cache is not None else None, None, None, None
+
+
+_conv_op.register_autograd(_backward, setup_context=_setup)
+
+
+def causal_dwconv3d(x, weight, bias=None, cache=None, *, residual=False, group_size=0, backend=None):
+    """Causal depthwise 3x3x3 conv on channels-last tokens. Returns (y, new_cache).
+
+    x: (B, T, H, W, C); weight: (C, 1, 3, 3, 3); bias: (C,) or None; cache: (B, 2, H, W, C) or None
+    (group mode: (B, 1, H, W, C)). y: (B, T, H, W, C) (plus x when `residual`).
+    """
+    _check(x, weight, bias, cache, residual, group_size)
+    return torch.ops.leanvae.causal_dwconv3d(x, weight, bias, cache, residual, group_size, resolve(backend))

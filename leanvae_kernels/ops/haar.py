@@ -1,0 +1,381 @@
+"""Haar wavelet ops: 3-D and 2-D DWT, their inverses, and the model's patch transform.
+
+Contract (../shared/DESIGN.md; `rescale=True`, the published default):
+    haar_dwt3d:   x (B, C, T, H, W) -> (B, 8C, ceil(T/2), ceil(H/2), ceil(W/2)); channel band*C + c,
+                  band = 4*bt + 2*bh + bw (bit set = high-pass along T, H, W). Along each axis a pair (a, b)
+                  gives low (a+b)/sqrt2, high (a-b)/sqrt2; an odd length reflects (the missing sample of the
+                  last pair is x[N-2]); rescale multiplies by 2*sqrt2, so each band is a +-1 block sum.
+    haar_dwt2d:   x (B, C, 1, H, W) -> (B, 4C, 1, ceil(H/2), ceil(W/2)), band = 2*bw + bh; rescale: x2.
+    haar_idwt3d:  (B, 8C, T, H, W) -> (B, C, 2T, 2H, 2W), the exact inverse for even sizes.
+    haar_idwt2d:  (B, 4C, 1, H, W) -> (B, C, 1, 2H, 2W).
+    haar_patch:   x (B, C, T, H, W), T odd > 1 -> (dwt2d(frame 0), dwt3d(frames 1..T-1)) in one call.
+    haar_unpatch: (xi, xv) -> cat(idwt2d(xi), idwt3d(xv)) along T: (B, C, 1 + 2T', 2H, 2W).
+"""
+import math
+
+import torch
+
+from .._backend import OpBackends, resolve
+from ._common import ALL_DTYPES, acc_dtype, check_tensor, describe, vjp
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+# -------------------------------------------------------------------------------------- references
+def _reflect_to_even(x, dim):
+    """Append x[N-2] along `dim` when its length N is odd (the published reflect padding)."""
+    n = x.shape[dim]
+    return torch.cat([x, x.narrow(dim, n - 2, 1)], dim) if n % 2 else x
+
+
+def _analysis(parts, dim, scale):
+    """Split each tensor along `dim` into (low, high) = ((a+b)*scale, (a-b)*scale), low first."""
+    out = []
+    for p in parts:
+        p = _reflect_to_even(p, dim)
+        a, b = p.unflatten(dim, (p.shape[dim] // 2, 2)).unbind(dim + 1)
+        out += [(a + b) * scale, (a - b) * scale] if scale != 1.0 else [a + b, a - b]
+    return out
+
+
+def _synthesis(bands, dim, scale):
+    """Merge consecutive (low, high) pairs along `dim`: a = (l+h)*scale, b = (l-h)*scale, interleaved."""
+    out = []
+    for i in range(0, len(bands), 2):
+        lo, hi = bands[i], bands[i + 1]
+        out.append(torch.stack([(lo + hi) * scale, (lo - hi) * scale], dim + 1).flatten(dim, dim + 1))
+    return out
+
+
+def haar_dwt3d_reference(x, rescale=True):
+    """x: (B, C, T, H, W) -> (B, 8C, ceil(T/2), ceil(H/2), ceil(W/2)), computed in float32."""
+    xf = x.to(acc_dtype(x.dtype))
+    # With rescale each band is a plain +-1 sum (the 2*sqrt2 cancels three 1/sqrt2), exact in float32.
+    scale = 1.0 if rescale else _INV_SQRT2
+    bands = _analysis([xf], 2, scale)
+    bands = _analysis(bands, 3, scale)
+    bands = _analysis(bands, 4, scale)
+    return torch.cat(bands, dim=1).to(x.dtype)
+
+
+def haar_dwt2d_reference(x, rescale=True):
+    """x: (B, C, 1, H, W) -> (B, 4C, 1, ceil(H/2), ceil(W/2)); band = 2*bw + bh."""
+    xf = x.to(acc_dtype(x.dtype)).squeeze(2)
+    scale = 1.0 if rescale else _INV_SQRT2
+    bands = _analysis([xf], 3, scale)  # along W first: W is the major bit of the band index
+    bands = _analysis(bands, 2, scale)
+    return torch.cat(bands, dim=1).unsqueeze(2).to(x.dtype)
+
+
+def haar_idwt3d_reference(x, rescale=True):
+    """(B, 8C, T, H, W) -> (B, C, 2T, 2H, 2W)."""
+    xf = x.to(acc_dtype(x.dtype))
+    scale = 0.5 if rescale else _INV_SQRT2
+    bands = list(torch.chunk(xf, 8, dim=1))
+    bands = _synthesis(bands, 4, scale)
+    bands = _synthesis(bands, 3, scale)
+    (y,) = _synthesis(bands, 2, scale)
+    return y.to(x.dtype)
+
+
+def haar_idwt2d_reference(x, rescale=True):
+    """(B, 4C, 1, H, W) -> (B, C, 1, 2H, 2W)."""
+    xf = x.to(acc_dtype(x.dtype)).squeeze(2)
+    scale = 0.5 if rescale else _INV_SQRT2
+    bands = list(torch.chunk(xf, 4, dim=1))
+    bands = _synthesis(bands, 2, scale)
+    (y,) = _synthesis(bands, 3, scale)
+    return y.unsqueeze(2).to(x.dtype)
+
+
+def haar_patch_reference(x, rescale=True):
+    """x: (B, C, T, H, W) with T odd > 1 -> (dwt2d(frame 0), dwt3d(frames 1..T-1))."""
+    return haar_dwt2d_reference(x[:, :, :1], rescale), haar_dwt3d_reference(x[:, :, 1:], rescale)
+
+
+def haar_unpatch_reference(xi, xv, rescale=True):
+    """(B, 4C, 1, H, W), (B, 8C, T, H, W) -> (B, C, 1 + 2T, 2H, 2W)."""
+    return torch.cat([haar_idwt2d_reference(xi, rescale), haar_idwt3d_reference(xv, rescale)], dim=2)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _check_video(op, name, x, *, min_size=2, frames=None):
+    check_tensor(op, name, x, ndim=5, layout="(B, C, T, H, W)")
+    if x.numel() == 0 and min(x.shape[:2]) == 0:
+        raise ValueError(f"{op}: {name} must not be empty, got {describe(x)}")
+    for dim, axis in ((2, "T"), (3, "H"), (4, "W")):
+        if dim == 2 and frames is not None:
+            continue
+        if x.shape[dim] < min_size:
+            raise ValueError(f"{op}: {name} needs {axis} >= {min_size} (reflect padding of odd sizes), got {describe(x)}")
+    if frames == "one" and x.shape[2] != 1:
+        raise ValueError(f"{op}: {name} must hold one frame (B, C, 1, H, W), got {describe(x)}")
+    if frames == "odd" and (x.shape[2] < 3 or x.shape[2] % 2 == 0):
+        raise ValueError(f"{op}: {name} must have an odd number of frames T >= 3, got {describe(x)}")
+
+
+def _check_bands(op, name, x, nbands):
+    check_tensor(op, name, x, ndim=5, layout=f"(B, {nbands}C, T, H, W)")
+    if x.shape[1] == 0 or x.shape[1] % nbands:
+        raise ValueError(f"{op}: {name} must have a positive multiple of {nbands} channels (sub-bands), got {describe(x)}")
+    if min(x.shape) == 0:
+        raise ValueError(f"{op}: {name} must not be empty, got {describe(x)}")
+
+
+def _half_up(n):
+    return (n + 1) // 2
+
+
+def _dwt_shape(x, nbands, frames_out):
+    b, c, t, h, w = x.shape
+    return (b, nbands * c, frames_out, _half_up(h), _half_up(w))
+
+
+# ------------------------------------------------------------------------------------ op registry
+# Each op: OpBackends for forward and backward; kernels register more backends into these.
+dwt3d_fwd, dwt3d_bwd = OpBackends("haar_dwt3d"), OpBackends("haar_dwt3d_backward")
+dwt2d_fwd, dwt2d_bwd = OpBackends("haar_dwt2d"), OpBackends("haar_dwt2d_backward")
+idwt3d_fwd, idwt3d_bwd = OpBackends("haar_idwt3d"), OpBackends("haar_idwt3d_backward")
+idwt2d_fwd, idwt2d_bwd = OpBackends("haar_idwt2d"), OpBackends("haar_idwt2d_backward")
+patch_fwd, patch_bwd = OpBackends("haar_patch"), OpBackends("haar_patch_backward")
+unpatch_fwd, unpatch_bwd = OpBackends("haar_unpatch"), OpBackends("haar_unpatch_backward")
+
+for _fwd, _bwd, _ref in (
+    (dwt3d_fwd, dwt3d_bwd, haar_dwt3d_reference),
+    (dwt2d_fwd, dwt2d_bwd, haar_dwt2d_reference),
+    (idwt3d_fwd, idwt3d_bwd, haar_idwt3d_reference),
+    (idwt2d_fwd, idwt2d_bwd, haar_idwt2d_reference),
+):
+    _fwd.register("reference", ALL_DTYPES)(_ref)
+    _bwd.register("reference", ALL_DTYPES)(
+        lambda grad, x, rescale, _ref=_ref: vjp(lambda t: _ref(t, rescale), (x,), grad)[0]
+    )
+patch_fwd.register("reference", ALL_DTYPES)(haar_patch_reference)
+patch_bwd.register("reference", ALL_DTYPES)(
+    lambda gi, gv, x, rescale: vjp(lambda t: haar_patch_reference(t, rescale), (x,), (gi, gv))[0]
+)
+unpatch_fwd.register("reference", ALL_DTYPES)(haar_unpatch_reference)
+unpatch_bwd.register("reference", ALL_DTYPES)(
+    lambda grad, xi, xv, rescale: tuple(vjp(lambda a, b: haar_unpatch_reference(a, b, rescale), (xi, xv), grad))
+)
+
+
+def _single_input_op(name, fwd, bwd, check, out_shape):
+    """Defines leanvae::<name>(Tensor x, bool rescale, str backend) -> Tensor with fake and autograd."""
+
+    def impl(x: torch.Tensor, rescale: bool, backend: str) -> torch.Tensor:
+        check(x)
+        return fwd(backend, x.device, x.dtype, x, rescale)
+
+    def impl_bwd(grad: torch.Tensor, x: torch.Tensor, rescale: bool, backend: str) -> torch.Tensor:
+        return bwd(backend, x.device, x.dtype, grad, x, rescale)
+
+    op = torch.library.custom_op(f"leanvae::{name}", impl, mutates_args=())
+    op_bwd = torch.library.custom_op(f"leanvae::{name}_backward", impl_bwd, mutates_args=())
+
+    @op.register_fake
+    def _(x, rescale, backend):
+        check(x)
+        return x.new_empty(out_shape(x))
+
+    @op_bwd.register_fake
+    def _(grad, x, rescale, backend):
+        return x.new_empty(x.shape)
+
+    def setup(ctx, inputs, output):
+        x, rescale, backend = inputs
+        ctx.save_for_backward(x)
+        ctx.rescale, ctx.backend = rescale, backend
+
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return op_bwd(grad, x, ctx.rescale, ctx.backend), None, None
+
+    op.register_autograd(backward, setup_context=setup)
+    return op
+
+
+def _check_dwt3d(x):
+    _check_video("haar_dwt3d", "x", x)
+
+
+def _check_dwt2d(x):
+    _check_video("haar_dwt2d", "x", x, frames="one")
+
+
+def _check_idwt3d(x):
+    _check_bands("haar_idwt3d", "x", x, 8)
+
+
+def _check_idwt2d(x):
+    _check_bands("haar_idwt2d", "x", x, 4)
+    if x.shape[2] != 1:
+        raise ValueError(f"haar_idwt2d: x must hold one frame (B, 4C, 1, H, W), got {describe(x)}")
+
+
+_dwt3d_op = _single_input_op("haar_dwt3d", dwt3d_fwd, dwt3d_bwd, _check_dwt3d, lambda x: _dwt_shape(x, 8, _half_up(x.shape[2])))
+_dwt2d_op = _single_input_op("haar_dwt2d", dwt2d_fwd, dwt2d_bwd, _check_dwt2d, lambda x: _dwt_shape(x, 4, 1))
+_idwt3d_op = _single_input_op(
+    "haar_idwt3d", idwt3d_fwd, idwt3d_bwd, _check_idwt3d,
+    lambda x: (x.shape[0], x.shape[1] // 8, 2 * x.shape[2], 2 * x.shape[3], 2 * x.shape[4]),
+)
+_idwt2d_op = _single_input_op(
+    "haar_idwt2d", idwt2d_fwd, idwt2d_bwd, _check_idwt2d,
+    lambda x: (x.shape[0], x.shape[1] // 4, 1, 2 * x.shape[3], 2 * x.shape[4]),
+)
+
+
+# ---------------------------------------------------------------- patch transform (two outputs)
+def _check_patch(x):
+    _check_video("haar_patch", "x", x, frames="odd")
+
+
+@torch.library.custom_op("leanvae::haar_patch", mutates_args=())
+def _patch_op(x: torch.Tensor, rescale: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_patch(x)
+    xi, xv = patch_fwd(backend, x.device, x.dtype, x, rescale)
+    return xi, xv
+
+
+@_patch_op.register_fake
+def _(x, rescale, backend):
+    _check_patch(x)
+    return x.new_empty(_dwt_shape(x, 4, 1)), x.new_empty(_dwt_shape(x, 8, (x.shape[2] - 1) // 2))
+
+
+@torch.library.custom_op("leanvae::haar_patch_backward", mutates_args=())
+def _patch_bwd_op(grad_xi: torch.Tensor, grad_xv: torch.Tensor, x: torch.Tensor, rescale: bool, backend: str) -> torch.Tensor:
+    return patch_bwd(backend, x.device, x.dtype, grad_xi, grad_xv, x, rescale)
+
+
+@_patch_bwd_op.register_fake
+def _(grad_xi, grad_xv, x, rescale, backend):
+    return x.new_empty(x.shape)
+
+
+def _patch_setup(ctx, inputs, output):
+    x, rescale, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.rescale, ctx.backend = rescale, backend
+
+
+def _patch_backward(ctx, grad_xi, grad_xv):
+    (x,) = ctx.saved_tensors
+    # autograd passes None for an unused output; the kernels want real tensors.
+    if grad_xi is None:
+        grad_xi = x.new_zeros(_dwt_shape(x, 4, 1))
+    if grad_xv is None:
+        grad_xv = x.new_zeros(_dwt_shape(x, 8, (x.shape[2] - 1) // 2))
+    return _patch_bwd_op(grad_xi, grad_xv, x, ctx.rescale, ctx.backend), None, None
+
+
+_patch_op.register_autograd(_patch_backward, setup_context=_patch_setup)
+
+
+def _check_unpatch(xi, xv):
+    _check_bands("haar_unpatch", "xi", xi, 4)
+    _check_bands("haar_unpatch", "xv", xv, 8)
+    if xi.shape[2] != 1:
+        raise ValueError(f"haar_unpatch: xi must hold one frame (B, 4C, 1, H, W), got {describe(xi)}")
+    b, c4, _, h, w = xi.shape
+    if (xv.shape[0], xv.shape[1] // 8, xv.shape[3], xv.shape[4]) != (b, c4 // 4, h, w):
+        raise ValueError(
+            f"haar_unpatch: xi (B, 4C, 1, H, W) and xv (B, 8C, T, H, W) must agree in B, C, H, W; "
+            f"got xi {describe(xi)} and xv {describe(xv)}"
+        )
+    if xi.dtype != xv.dtype or xi.device != xv.device:
+        raise TypeError(f"haar_unpatch: xi and xv must share dtype and device; got xi {describe(xi)} and xv {describe(xv)}")
+
+
+@torch.library.custom_op("leanvae::haar_unpatch", mutates_args=())
+def _unpatch_op(xi: torch.Tensor, xv: torch.Tensor, rescale: bool, backend: str) -> torch.Tensor:
+    _check_unpatch(xi, xv)
+    return unpatch_fwd(backend, xv.device, xv.dtype, xi, xv, rescale)
+
+
+@_unpatch_op.register_fake
+def _(xi, xv, rescale, backend):
+    _check_unpatch(xi, xv)
+    b, c8, t, h, w = xv.shape
+    return xv.new_empty((b, c8 // 8, 1 + 2 * t, 2 * h, 2 * w))
+
+
+@torch.library.custom_op("leanvae::haar_unpatch_backward", mutates_args=())
+def _unpatch_bwd_op(
+    grad: torch.Tensor, xi: torch.Tensor, xv: torch.Tensor, rescale: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gi, gv = unpatch_bwd(backend, xv.device, xv.dtype, grad, xi, xv, rescale)
+    return gi, gv
+
+
+@_unpatch_bwd_op.register_fake
+def _(grad, xi, xv, rescale, backend):
+    return xi.new_empty(xi.shape), xv.new_empty(xv.shape)
+
+
+def _unpatch_setup(ctx, inputs, output):
+    xi, xv, rescale, backend = inputs
+    ctx.save_for_backward(xi, xv)
+    ctx.rescale, ctx.backend = rescale, backend
+
+
+def _unpatch_backward(ctx, grad):
+    xi, xv = ctx.saved_tensors
+    gi, gv = _unpatch_bwd_op(grad, xi, xv, ctx.rescale, ctx.backend)
+    return gi, gv, None, None
+
+
+_unpatch_op.register_autograd(_unpatch_backward, setup_context=_unpatch_setup)
+
+
+# ------------------------------------------------------------------------------------ public API
+def haar_dwt3d(x, rescale=True, *, backend=None):
+    """3-D Haar DWT. x: (B, C, T, H, W), T, H, W >= 2 -> (B, 8C, ceil(T/2), ceil(H/2), ceil(W/2))."""
+    _check_dwt3d(x)
+    return torch.ops.leanvae.haar_dwt3d(x, rescale, resolve(backend))
+
+
+def haar_dwt2d(x, rescale=True, *, backend=None):
+    """2-D Haar DWT of one frame. x: (B, C, 1, H, W) -> (B, 4C, 1, ceil(H/2), ceil(W/2))."""
+    _check_dwt2d(x)
+    return torch.ops.leanvae.haar_dwt2d(x, rescale, resolve(backend))
+
+
+def haar_idwt3d(x, rescale=True, *, backend=None):
+    """Inverse 3-D Haar DWT. x: (B, 8C, T, H, W) -> (B, C, 2T, 2H, 2W)."""
+    _check_idwt3d(x)
+    return torch.ops.leanvae.haar_idwt3d(x, rescale, resolve(backend))
+
+
+def haar_idwt2d(x, rescale=True, *, backend=None):
+    """Inverse 2-D Haar DWT. x: (B, 4C, 1, H, W) -> (B, C, 1, 2H, 2W)."""
+    _check_idwt2d(x)
+    return torch.ops.leanvae.haar_idwt2d(x, rescale, resolve(backend))
+
+
+def haar_patch(x, rescale=True, *, backend=None):
+    """The model's patch transform. x: (B, C, T, H, W) -> (xi, xv), either may be None:
+
+    T == 1: (dwt2d(x), None); T odd > 1: (dwt2d(frame 0), dwt3d(frames 1..)) in one launch;
+    T even: (None, dwt3d(x)).
+    """
+    check_tensor("haar_patch", "x", x, ndim=5, layout="(B, C, T, H, W)")
+    t = x.shape[2]
+    if t == 1:
+        return haar_dwt2d(x, rescale, backend=backend), None
+    if t % 2 == 0:
+        return None, haar_dwt3d(x, rescale, backend=backend)
+    _check_patch(x)
+    return torch.ops.leanvae.haar_patch(x, rescale, resolve(backend))
+
+
+def haar_unpatch(xi, xv, rescale=True, *, backend=None):
+    """The model's inverse patch transform: (xi, xv) -> video (B, C, T, H, W); xi alone -> image (B, C, H, W)."""
+    if xi is not None and xv is not None:
+        _check_unpatch(xi, xv)
+        return torch.ops.leanvae.haar_unpatch(xi, xv, rescale, resolve(backend))
+    if xi is not None:
+        return haar_idwt2d(xi, rescale, backend=backend).squeeze(2)
+    if xv is not None:
+        return haar_idwt3d(xv, rescale, backend=backend)
+    raise ValueError("haar_unpatch: xi and xv are both None; expected at least one")
