@@ -1,0 +1,50 @@
+"""Test-wide setup: which backends run here, the Triton interpreter on CPU-only machines, helpers.
+
+Without a GPU, Triton kernels run on CPU tensors through the interpreter; TRITON_INTERPRET must be set
+before any Triton kernel is defined, hence here, before the package is imported by the tests.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from leanvae_kernels import _native, _triton  # noqa: E402
+
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def native_required():
+    """The CPU native module must be present for the suite: a missing build is a failure, not a skip."""
+    mod, reason = _native.module("cpu")
+    if mod is None and os.environ.get("LEANVAE_KERNELS_ALLOW_NO_NATIVE") != "1":
+        pytest.fail(f"native CPU module unavailable ({reason}); set LEANVAE_KERNELS_ALLOW_NO_NATIVE=1 to run without it")
+    return mod is not None
+
+
+def kernel_backends(device=None):
+    """The fused backends that can run on `device` in this environment, as pytest params."""
+    device = torch.device(device or DEVICE)
+    params = []
+    if device.type == "cpu":
+        params.append(pytest.param("cpu", id="cpu"))
+        ok, reason = _triton.status("cpu")
+        params.append(pytest.param("triton", id="triton", marks=() if ok else pytest.mark.skip(reason=reason)))
+    else:
+        ok, reason = _native.module("cuda")[0] is not None, _native.module("cuda")[1]
+        params.append(pytest.param("cuda", id="cuda", marks=() if ok else pytest.mark.skip(reason=reason)))
+        ok, reason = _triton.status("cuda")
+        params.append(pytest.param("triton", id="triton", marks=() if ok else pytest.mark.skip(reason=reason)))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_native():
+    native_required()
