@@ -189,7 +189,7 @@ class BuildNative(build_ext):
         if ninja is None:
             raise RuntimeError("ninja not found: pip install ninja (it is a build requirement in pyproject.toml)")
         print(f"building {ext.name} ({build_info})", flush=True)
-        subprocess.check_call([ninja, "-f", ninja_file, "-j", jobs])
+        subprocess.check_call([ninja, "-C", tmp, "-f", ninja_file, "-j", jobs])
 
 
 def extensions():
