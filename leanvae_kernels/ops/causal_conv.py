@@ -50,7 +50,7 @@ def causal_dwconv3d_reference(x, weight, bias=None, cache=None, residual=False, 
     if residual:
         y = y + xf
     new_cache = torch.cat([prev, xf], dim=1)[:, -n_cache:]
-    return y.to(x.dtype), new_cache.to(x.dtype).contiguous()
+    return y.to(x.dtype).contiguous(), new_cache.to(x.dtype).clone(memory_format=torch.contiguous_format)
 
 
 def _check(x, weight, bias, cache, residual, group_size):
