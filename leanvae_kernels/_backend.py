@@ -100,6 +100,9 @@ def backend_status(backend, device_type):
     return False, f"unknown backend {backend!r}"
 
 
+ALL_OPS = []  # every OpBackends, in definition order (for `python -m leanvae info`)
+
+
 class OpBackends:
     """The implementations of one op, by backend, and the choice among them for a call.
 
@@ -113,6 +116,7 @@ class OpBackends:
     def __init__(self, name):
         self.name = name
         self.impls = {}
+        ALL_OPS.append(self)
 
     def register(self, backend, dtypes):
         if backend not in BACKENDS:

@@ -57,6 +57,18 @@ def module(backend):
     return mod, f"{name} ({mod.BUILD_INFO})"
 
 
+def build_info(backend):
+    """What was built for `backend`, independent of whether it can run here: (built, text)."""
+    try:
+        mod = importlib.import_module(_MODULES[backend])
+    except ImportError as exc:
+        return False, str(exc)
+    text = mod.BUILD_INFO
+    if backend == "cuda":
+        text += "; " + mod.cuda_runtime_info()
+    return True, f"{text}; {len(mod.kernels())} kernels"
+
+
 def has_kernel(backend, kernel):
     mod, _ = module(backend)
     return mod is not None and kernel in _kernel_names(backend)
