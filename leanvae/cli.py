@@ -56,12 +56,139 @@ def cmd_info(args):
     return 0
 
 
+def _size(text):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW like 256x256 or 1080x1920, got {text!r}") from None
+    return h, w
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def cmd_bench(args):
+    import json
+
+    import torch
+
+    from . import bench
+
+    height, width = args.size if args.size else (None, None)
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    try:
+        report = bench.run(frames=args.frames, height=height, width=width, batch=args.batch, device=args.device,
+                           dtype=dtype, latent_dim=args.latent_dim, backend=args.backend, compile=args.compile,
+                           tile=args.tile, repeats=args.repeats, warmup=args.warmup, progress=not args.quiet)
+    except (ValueError, TypeError) as exc:
+        print(f"leanvae bench: {exc}", file=sys.stderr)
+        return 2
+    print(bench.format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0 if report["agree"] else 1
+
+
+def cmd_reconstruct(args):
+    import os
+    import time
+
+    import torch
+
+    from .model import LeanVAE
+    from .video import VideoError, psnr, read_video, to_frames, to_model_input, write_video
+
+    def fail(msg):
+        print(f"leanvae reconstruct: {msg}", file=sys.stderr)
+        return 2
+
+    for label, path in (("input video", args.input), ("checkpoint", args.checkpoint)):
+        if not os.path.isfile(path):
+            return fail(f"{label} not found: {path}")
+    if args.frames is not None and (args.frames < 1 or args.frames % 4 != 1):
+        return fail(f"--frames must be 1+4k (1, 5, 9, 17, ...), got {args.frames}")
+    try:
+        frames, fps = read_video(args.input, args.frames)
+    except VideoError as exc:
+        return fail(str(exc))
+    t = args.frames or 1 + 4 * ((len(frames) - 1) // 4)
+    if len(frames) < t:
+        return fail(f"{args.input} has {len(frames)} frames, fewer than --frames {t}")
+    h, w = frames.shape[1] // 8 * 8, frames.shape[2] // 8 * 8
+    if h == 0 or w == 0:
+        return fail(f"{args.input}: frames of {frames.shape[1]}x{frames.shape[2]} are smaller than 8x8")
+    frames = frames[:t, :h, :w]
+    try:
+        model = LeanVAE.load_from_checkpoint(args.checkpoint, device="cpu").eval()
+    except (ValueError, RuntimeError, KeyError) as exc:
+        return fail(f"cannot load checkpoint {args.checkpoint}: {exc}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = model.to(device=device, dtype=dtype)
+    handle = None
+    if args.fused:
+        from leanvae_kernels.patching import use_fused_kernels
+
+        handle = use_fused_kernels(model)
+    if args.tile:
+        model.set_tile_inference(True)
+    x = to_model_input(frames).to(device=device, dtype=dtype)
+    start = time.perf_counter()
+    _, rec = model.inference(x if t > 1 else x[:, :, 0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if t == 1:
+        rec = rec.unsqueeze(2)
+    out_frames = to_frames(rec)
+    try:
+        write_video(args.output, out_frames, fps)
+    except VideoError as exc:
+        return fail(str(exc))
+    if handle is not None:
+        handle.revert()
+    print(f"{args.input}: {t} frames {h}x{w} -> {args.output}; PSNR {psnr(frames, out_frames):.2f} dB; "
+          f"encode+decode {seconds:.2f} s on {device} ({args.dtype}{', fused' if args.fused else ''}{', tiled' if args.tile else ''})")
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m leanvae", description="LeanVAE with fused kernels")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, built native modules, and which backend serves each op")
     info.add_argument("-v", "--verbose", action="store_true", help="say why each missing backend is missing")
     info.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="encode+decode a synthetic clip with the reference and fused kernels; "
+                                     "check they agree; print time, peak memory and error")
+    b.add_argument("--frames", type=int, default=17, help="frames, 1+4k (default 17)")
+    b.add_argument("--size", type=_size, default=None, help="HxW (default 256x256 on CPU, 1080x1920 on GPU)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    b.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default float32 on CPU, bfloat16 on GPU")
+    b.add_argument("--latent-dim", type=int, default=4, choices=[4, 16])
+    b.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "cpu", "reference"])
+    b.add_argument("--compile", action="store_true", help="also time torch.compile of the reference and fused models")
+    b.add_argument("--tile", action="store_true", help="use the model's temporal tiled inference")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--json", default=None, help="write the figures to this JSON file")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("reconstruct", help="encode and decode a video file with a checkpoint; print PSNR")
+    r.add_argument("input", help="input video (anything FFmpeg reads)")
+    r.add_argument("output", help="output video (.mp4)")
+    r.add_argument("--checkpoint", required=True, help="a LeanVAE checkpoint {'args': ..., 'state_dict': ...}")
+    r.add_argument("--fused", action="store_true", help="run with the fused kernels")
+    r.add_argument("--tile", action="store_true", help="temporal tiled inference (the model's chunk sizes)")
+    r.add_argument("--frames", type=int, default=None, help="frames to use, 1+4k (default: as many as fit)")
+    r.add_argument("--device", default=None)
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.set_defaults(func=cmd_reconstruct)
     return p
 
 

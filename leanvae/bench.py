@@ -1,0 +1,232 @@
+"""The main job: encode and decode a synthetic clip with the reference model and with fused kernels.
+
+Builds the published configuration with seeded random weights, runs each variant (reference, fused, and
+optionally torch.compile of each), checks that fused and reference agree, and reports time, peak memory
+and error. Used by `python -m leanvae bench` and by the end-to-end benchmark suite.
+"""
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+from .model import LeanVAE
+
+# Agreement required of the fused model against the reference (issue #6): float32 max relative error,
+# reduced precision relative RMS error.
+MAX_REL_FP32 = 1e-4
+RMS_REL_LOW = 1e-2
+
+
+def synthetic_clip(frames, height, width, batch=1, device="cpu", dtype=torch.float32, seed=0):
+    """A smooth moving pattern plus a little noise, in [-0.5, 0.5]: (B, 3, T, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1)
+    y = torch.linspace(0, 1, height).view(1, height, 1)
+    x = torch.linspace(0, 1, width).view(1, 1, width)
+    chans = []
+    for c in range(3):
+        fx, fy, ft = (torch.rand(3, generator=g) * 6 + 1).tolist()
+        chans.append(0.35 * torch.sin(2 * math.pi * (fx * x + fy * y) + 0.3 * ft * t + c))
+    clip = torch.stack(chans, 0).unsqueeze(0).expand(batch, -1, -1, -1, -1)
+    clip = clip + 0.05 * torch.randn(clip.shape, generator=g)
+    return clip.clamp(-0.5, 0.5).to(device=device, dtype=dtype).contiguous()
+
+
+def build_model(latent_dim=4, device="cpu", dtype=torch.float32, seed=0):
+    """The published configuration with seeded random weights (non-trivial bottleneck thresholds)."""
+    torch.manual_seed(seed)
+    model = LeanVAE.from_config(latent_dim=latent_dim).eval()
+    with torch.no_grad():
+        for p in model.latent_bottleneck.threshold:
+            p.fill_(0.02)
+    return model.to(device=device, dtype=dtype)
+
+
+class _PeakRSS:
+    """Peak resident memory above the starting point, sampled every 2 ms (CPU runs)."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self.base = self._rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        return False
+
+    @property
+    def used(self):
+        return self.peak - self.base
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device, repeats, warmup):
+    """(median seconds, peak bytes above the starting allocation, last output) of fn()."""
+    for _ in range(warmup):
+        out = fn()
+    _sync(device)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        with _PeakRSS() as mem:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - t0)
+        peak = mem.used
+    return statistics.median(times), peak, out
+
+
+def errors(actual, expected):
+    """Relative errors of `actual` against `expected`: max-abs over max-abs, and RMS over RMS."""
+    a, e = actual.double(), expected.double()
+    diff = a - e
+    return {
+        "max_rel": (diff.abs().max() / e.abs().max().clamp_min(1e-30)).item(),
+        "rms_rel": (diff.pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-30)).item(),
+    }
+
+
+def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, latent_dim=4, backend="auto",
+        compile=False, tile=False, repeats=3, warmup=1, progress=True):
+    """Run the benchmark; returns a dict with the setup, per-variant timings/memory, and errors."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if height is None or width is None:
+        height, width = (1080, 1920) if device.type == "cuda" else (256, 256)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if frames < 1 or frames % 4 != 1:
+        raise ValueError(f"frames must be 1+4k (1, 5, 9, 17, ...), got {frames}")
+    if height % 8 or width % 8:
+        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+
+    import leanvae_kernels
+    from leanvae_kernels.patching import use_fused_kernels
+
+    model = build_model(latent_dim, device, dtype)
+    model.set_tile_inference(tile)
+    clip = synthetic_clip(frames, height, width, batch, device, dtype)
+    is_image = frames == 1
+    x_in = clip[:, :, 0] if is_image else clip
+
+    variants = [("reference", False, False), ("fused", True, False)]
+    if compile:
+        variants += [("compile(reference)", False, True), ("compile(fused)", True, True)]
+    steps = len(variants) * 2
+    results, outputs = {}, {}
+    started = time.perf_counter()
+    step = 0
+    z_ref = None
+    handle = None
+    for name, fused, compiled in variants:
+        if handle is not None:
+            handle.revert()
+            handle = None
+        if fused:
+            handle = use_fused_kernels(model, backend=backend)
+        torch._dynamo.reset()
+        enc = torch.compile(model.encode) if compiled else model.encode
+        dec = torch.compile(model.decode) if compiled else model.decode
+        row = {}
+        with torch.no_grad():
+            for phase in ("encode", "decode"):
+                step += 1
+                if progress:
+                    print(f"[{step}/{steps}] {name} {phase} ... ({time.perf_counter() - started:.0f} s elapsed)",
+                          file=sys.stderr, flush=True)
+                if phase == "encode":
+                    fn = lambda: enc(x_in)  # noqa: E731
+                else:
+                    z_in = z_ref if z_ref is not None else outputs["reference"]["z"]
+                    fn = lambda: dec(z_in, is_image=is_image)  # noqa: E731
+                seconds, peak, out = measure(fn, device, repeats, warmup)
+                row[phase] = {"seconds": seconds, "peak_bytes": peak}
+                outputs.setdefault(name, {})["z" if phase == "encode" else "x"] = out
+                if name == "reference" and phase == "encode":
+                    z_ref = out
+        row["total_seconds"] = row["encode"]["seconds"] + row["decode"]["seconds"]
+        results[name] = row
+    if handle is not None:
+        handle.revert()
+
+    ref = outputs["reference"]
+    low = dtype in (torch.float16, torch.bfloat16)
+    agree = True
+    for name in results:
+        if name == "reference":
+            continue
+        e_z, e_x = errors(outputs[name]["z"], ref["z"]), errors(outputs[name]["x"], ref["x"])
+        results[name]["error"] = {"encode": e_z, "decode": e_x}
+        if name in ("fused", "compile(fused)"):
+            worst = max(e_z["rms_rel"], e_x["rms_rel"]) if low else max(e_z["max_rel"], e_x["max_rel"])
+            ok = worst < (RMS_REL_LOW if low else MAX_REL_FP32)
+            results[name]["agrees"] = ok
+            agree &= ok
+    ref_t = results["reference"]["total_seconds"]
+    for row in results.values():
+        row["speedup_vs_reference"] = ref_t / row["total_seconds"]
+    return {
+        "setup": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+            "dtype": str(dtype).replace("torch.", ""), "frames": frames, "height": height, "width": width,
+            "batch": batch, "latent_dim": latent_dim, "backend": backend, "tile": tile, "repeats": repeats,
+            "torch": torch.__version__, "leanvae_kernels": leanvae_kernels.__version__,
+        },
+        "results": results,
+        "agree": agree,
+        "criterion": f"{'rms_rel' if low else 'max_rel'} < {RMS_REL_LOW if low else MAX_REL_FP32}",
+    }
+
+
+def format_table(report):
+    s = report["setup"]
+    lines = [
+        f"LeanVAE encode+decode: {s['batch']}x{s['frames']}x{s['height']}x{s['width']} {s['dtype']} on {s['device']} "
+        f"(latent {s['latent_dim']}, backend {s['backend']}, tile {s['tile']}, median of {s['repeats']})",
+        f"{'variant':<20}{'encode s':>10}{'decode s':>10}{'total s':>10}{'speedup':>9}{'enc peak MB':>13}"
+        f"{'dec peak MB':>13}{'max err z':>11}{'max err x':>11}",
+    ]
+    for name, r in report["results"].items():
+        err = r.get("error")
+        ez = f"{err['encode']['max_rel']:.1e}" if err else "-"
+        ex = f"{err['decode']['max_rel']:.1e}" if err else "-"
+        lines.append(
+            f"{name:<20}{r['encode']['seconds']:>10.3f}{r['decode']['seconds']:>10.3f}{r['total_seconds']:>10.3f}"
+            f"{r['speedup_vs_reference']:>8.2f}x{r['encode']['peak_bytes'] / 2**20:>13.0f}"
+            f"{r['decode']['peak_bytes'] / 2**20:>13.0f}{ez:>11}{ex:>11}"
+        )
+    lines.append(f"fused agrees with reference ({report['criterion']}, relative): {'yes' if report['agree'] else 'NO'}")
+    return "\n".join(lines)

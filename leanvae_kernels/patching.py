@@ -1,0 +1,248 @@
+"""`use_fused_kernels`: switch a LeanVAE (ours or the published code) to the fused kernels, revertibly.
+
+Modules are recognised by structure (parameters, buffers, attribute names and shapes), not only by class,
+so an instance of the published LeanVAE code, which this package cannot import, is switched too. A
+recognised module gets an instance-level method (`forward`, or `recon`/`sample` for the bottleneck) that
+calls the fused ops with the module's own parameters; nothing else changes: parameters stay where they are,
+so `state_dict` keys, `repr` and checkpoints are untouched. With no model, the methods are set on our
+reference classes instead, so every LeanVAE built from them, existing or future, is switched.
+Nothing inside torch is rebound. `handle.revert()` (or leaving a `with` block) restores exactly what was
+there before.
+"""
+import functools
+import types
+
+import torch
+import torch.nn as nn
+
+from . import _backend
+
+# ------------------------------------------------------------------------------ structural matchers
+# Published and reference modules share these names and shapes; classes may differ.
+
+
+def _attrs(m, *names):
+    return all(hasattr(m, n) for n in names)
+
+
+def is_patcher(m):
+    return _attrs(m, "wavelets", "_arange", "rescale", "_2ddwt", "_3ddwt") and tuple(m.wavelets.shape) == (2,)
+
+
+def is_unpatcher(m):
+    return _attrs(m, "wavelets", "_arange", "rescale", "_2didwt", "_3didwt") and tuple(m.wavelets.shape) == (2,)
+
+
+def is_peg3d(m):
+    conv = getattr(m, "ds_conv", None)
+    return (
+        isinstance(conv, nn.Conv3d)
+        and _attrs(m, "tile_inference", "is_first_chunk", "causal_cached")
+        and tuple(conv.kernel_size) == (3, 3, 3)
+        and conv.groups == conv.in_channels == conv.out_channels
+        and tuple(conv.stride) == (1, 1, 1)
+        and tuple(conv.padding) == (0, 0, 0)
+        and tuple(conv.dilation) == (1, 1, 1)
+        and conv.padding_mode == "zeros"
+    )
+
+
+def _is_naf_like(m):
+    return (
+        _attrs(m, "num_layer", "dconv_layer", "ffd_layer")
+        and len(m.dconv_layer) == len(m.ffd_layer) == m.num_layer
+        and all(is_peg3d(p) for p in m.dconv_layer)
+    )
+
+
+# NAF and ResNAF have identical structure; only their forward differs (ResNAF adds residuals), so the
+# class name decides. An unknown NAF-like class is left alone (its PEG3D children are still switched).
+def is_naf(m):
+    return type(m).__name__ == "NAF" and _is_naf_like(m)
+
+
+def is_resnaf(m):
+    return type(m).__name__ == "ResNAF" and _is_naf_like(m)
+
+
+def is_ista(m):
+    return (
+        _attrs(m, "phi", "Q", "weights", "threshold", "forward_l", "backward_l", "iter_num", "sample", "recon")
+        and isinstance(m.phi, nn.Parameter)
+        and m.phi.ndim == 2
+        and tuple(m.Q.shape) == tuple(m.phi.shape[::-1])
+        and len(m.weights) == len(m.threshold) == len(m.forward_l) == len(m.backward_l) == m.iter_num
+    )
+
+
+# ---------------------------------------------------------------------------------- what replaces what
+# group -> [(matcher, method name, "module:function" of the fused implementation, op used)]
+_PLAN = {
+    "haar": [
+        (is_patcher, "forward", "leanvae_kernels.nn.haar:fused_patcher_forward", "haar_patch"),
+        (is_unpatcher, "forward", "leanvae_kernels.nn.haar:fused_unpatcher_forward", "haar_unpatch"),
+    ],
+    "conv": [
+        (is_resnaf, "forward", "leanvae_kernels.nn.peg3d:fused_resnaf_forward", "causal_dwconv3d"),
+        (is_naf, "forward", "leanvae_kernels.nn.peg3d:fused_naf_forward", "causal_dwconv3d"),
+        (is_peg3d, "forward", "leanvae_kernels.nn.peg3d:fused_peg3d_forward", "causal_dwconv3d"),
+    ],
+    "ista": [
+        (is_ista, "recon", "leanvae_kernels.nn.ista:fused_ista_recon", "ista_step"),
+        (is_ista, "sample", "leanvae_kernels.nn.ista:fused_ista_sample", "ista_step"),
+    ],
+}
+
+
+def _load(path):
+    """The fused function at 'module:name', or None (with the reason) when it does not exist."""
+    mod_name, fn_name = path.split(":")
+    try:
+        mod = __import__(mod_name, fromlist=[fn_name])
+    except ImportError as exc:
+        return None, f"{mod_name} unavailable ({exc})"
+    fn = getattr(mod, fn_name, None)
+    return (fn, "") if fn is not None else (None, f"{path} not found")
+
+
+def _bind_backend(fn, backend):
+    """A plain function `(self, *args)` calling fn with a fixed backend (compile-friendly: no partials)."""
+
+    @functools.wraps(fn)
+    def method(self, *args, **kwargs):
+        return fn(self, *args, backend=backend, **kwargs)
+
+    method.__leanvae_fused__ = True
+    return method
+
+
+def _op_status(op_name):
+    return next(op for op in _backend.ALL_OPS if op.name == op_name)
+
+
+def _check_backend_can_run(backend, op_names, device, dtype):
+    if backend == "auto":
+        return
+    for name in op_names:
+        ok, reason = _op_status(name).status(backend, device.type, dtype)
+        if not ok:
+            raise _backend.BackendUnavailable(f"use_fused_kernels: backend {backend!r} cannot run {name}: {reason}")
+
+
+class FusedKernelsHandle:
+    """What `use_fused_kernels` replaced, and how to put it back (`revert()`, or a `with` block)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._saved = []  # (target, attribute, had own attribute, previous value)
+        self.replaced = []  # human-readable lines: "encoder.low_layer.dconv_layer.0: PEG3D.forward -> fused_peg3d_forward"
+        self.skipped = []  # groups or modules not switched, with the reason
+        self.active = True
+
+    def _set(self, target, name, value, label):
+        own = name in vars(target)
+        self._saved.append((target, name, own, vars(target).get(name)))
+        setattr(target, name, value)
+        self.replaced.append(label)
+
+    def revert(self):
+        """Restore every replaced method; safe to call twice."""
+        while self._saved:
+            target, name, own, previous = self._saved.pop()
+            if own:
+                setattr(target, name, previous)
+            else:
+                delattr(target, name)
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.revert()
+        return False
+
+    def __repr__(self):
+        state = "active" if self.active else "reverted"
+        lines = [f"FusedKernelsHandle(backend={self.backend!r}, {state}, {len(self.replaced)} replaced)"]
+        lines += [f"  {r}" for r in self.replaced]
+        lines += [f"  skipped: {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _groups(haar, conv, ista):
+    return [g for g, on in (("haar", haar), ("conv", conv), ("ista", ista)) if on]
+
+
+def use_fused_kernels(model=None, *, backend="auto", haar=True, conv=True, ista=True):
+    """Switch `model` (an nn.Module: our LeanVAE, the published one, or any module holding such parts)
+    to the fused kernels; with `model=None`, switch our reference classes (every LeanVAE built from them).
+
+    backend: "auto", "cuda", "triton", "cpu" or "reference"; an explicit backend that cannot run the
+    model's ops on its device/dtype raises BackendUnavailable. haar/conv/ista: which groups to switch.
+    Returns a FusedKernelsHandle: `.revert()` restores exactly; `.replaced` lists what was switched.
+    """
+    backend = _backend._validate(backend)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"use_fused_kernels: model must be an nn.Module or None, got {type(model).__name__}")
+    handle = FusedKernelsHandle(backend)
+    plan = []
+    for group in _groups(haar, conv, ista):
+        for matcher, method, path, op_name in _PLAN[group]:
+            fn, why = _load(path)
+            if fn is None:
+                handle.skipped.append(f"{group}: {why}")
+                continue
+            plan.append((matcher, method, fn, op_name))
+
+    if model is not None:
+        param = next(model.parameters(), None)
+        if param is not None:
+            _check_backend_can_run(backend, {p[3] for p in plan}, param.device, param.dtype)
+        for name, module in model.named_modules():
+            taken = set()
+            for matcher, method, fn, _ in plan:
+                if method in taken or not matcher(module):
+                    continue
+                taken.add(method)
+                label = f"{name or '<model>'}: {type(module).__name__}.{method} -> {fn.__name__}"
+                handle._set(module, method, types.MethodType(_bind_backend(fn, backend), module), label)
+        return handle
+
+    if backend not in ("auto", "reference"):
+        device = "cuda" if backend in ("cuda", "triton") else "cpu"
+        ok, reason = _backend.backend_status(backend, device)
+        if not ok:
+            raise _backend.BackendUnavailable(f"use_fused_kernels: backend {backend!r} is not available: {reason}")
+    import leanvae.modules
+    import leanvae.patcher
+
+    classes = [leanvae.patcher.Patcher, leanvae.patcher.UnPatcher, leanvae.modules.PEG3D, leanvae.modules.NAF,
+               leanvae.modules.ResNAF, leanvae.modules.ISTA]
+    for cls in classes:
+        probe = _probe_instance(cls)
+        taken = set()
+        for matcher, method, fn, _ in plan:
+            if method in taken or not matcher(probe):
+                continue
+            taken.add(method)
+            handle._set(cls, method, _bind_backend(fn, backend), f"{cls.__module__}.{cls.__name__}.{method} -> {fn.__name__}")
+    return handle
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_instance(cls):
+    """A tiny instance of a reference class, to run the structural matchers on the class."""
+    import leanvae.modules
+    import leanvae.patcher
+
+    with torch.device("meta"):
+        if cls in (leanvae.patcher.Patcher, leanvae.patcher.UnPatcher):
+            return cls()
+        if cls is leanvae.modules.PEG3D:
+            return cls(2)
+        if cls in (leanvae.modules.NAF, leanvae.modules.ResNAF):
+            return cls(num_layer=1, dim=2)
+        if cls is leanvae.modules.ISTA:
+            return cls(points_num=4, out_num=2, iter_num=1, layer_num=1)
+    raise TypeError(cls)
