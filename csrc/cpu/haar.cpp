@@ -30,6 +30,14 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kRowChunk = 16;  // block rows (analysis) / output rows (synthesis) per work item
+constexpr int64_t kGrain = 1 << 16;  // samples per thread below which more threads cost more than they save
+
+// Threads for `samples` of work: waking a second thread costs more than a small tensor's whole pass
+// (and far more on a loaded machine), so small calls stay on the calling thread.
+inline int threads_for(int64_t samples, int max_threads) {
+  const int64_t t = samples / kGrain;
+  return static_cast<int>(t < 1 ? 1 : (t < max_threads ? t : max_threads));
+}
 
 struct Args {
   bool has_xi = false, has_xv = false;
@@ -155,8 +163,9 @@ void analysis(const KernelArgs& ka) {
   const int64_t chunks = (Ho + kRowChunk - 1) / kRowChunk;
   const int64_t items = B * C * parts * chunks;
   const A s2 = static_cast<A>(g.s2), s3 = static_cast<A>(g.s3);
+  const int threads = threads_for(x.n[0] * x.n[1] * x.n[2] * H * W, ka.num_threads);
 
-#pragma omp parallel num_threads(ka.num_threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<A> rows(4 * 2 * Wo), band(8 * Wo), tmp(4 * 2 * Wo);
 #pragma omp for schedule(static)
@@ -302,8 +311,9 @@ void synthesis(const KernelArgs& ka) {
   const int64_t chunks = (H + kRowChunk - 1) / kRowChunk;
   const int64_t items = B * C * frames * chunks;
   const A s2 = static_cast<A>(g.s2), s3 = static_cast<A>(g.s3);
+  const int threads = threads_for(B * C * frames * H * W, ka.num_threads);
 
-#pragma omp parallel num_threads(ka.num_threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     BandRows<T, A> cache(Wo);
     std::vector<A> acc(2 * Wo);

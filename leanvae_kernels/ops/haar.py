@@ -10,6 +10,14 @@ Contract (../shared/DESIGN.md; `rescale=True`, the published default):
     haar_idwt2d:  (B, 4C, 1, H, W) -> (B, C, 1, 2H, 2W).
     haar_patch:   x (B, C, T, H, W), T odd > 1 -> (dwt2d(frame 0), dwt3d(frames 1..T-1)) in one call.
     haar_unpatch: (xi, xv) -> cat(idwt2d(xi), idwt3d(xv)) along T: (B, C, 1 + 2T', 2H, 2W).
+
+Chain of names (CRAFT.md): the kernels `_haar_analysis_kernel` / `_haar_synthesis_kernel` (Triton,
+CUDA; csrc/cpu/haar.cpp on the CPU) -> native kernels "haar_analysis" / "haar_synthesis" and the Triton
+launchers `haar_analysis` / `haar_synthesis` -> the primitives `analysis` / `synthesis` below -> the
+ops `torch.ops.leanvae.haar_*` -> `FusedPatcher` / `FusedUnPatcher` (leanvae_kernels/nn/haar.py).
+Every op, forward and backward, is one launch of one of the two kernels: the backward of a DWT is a
+synthesis (with the reflected samples of odd sizes folded back onto sample N-2), the backward of an
+inverse DWT is an analysis. Any input strides are read in place; offsets are 64-bit.
 """
 import math
 
