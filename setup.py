@@ -177,7 +177,9 @@ class BuildNative(build_ext):
         builds.append(f"build {target}: link {' '.join(objects)}")
         rules += ["rule link", "  command = $cxx $in $ldflags -o $out", "  description = LINK $out"]
 
-        variables = [f"cxx = {cxx}", f"cflags = {_q(cflags + defines + includes)}", f"ldflags = {_q(ldflags)}"]
+        # builddir: ninja keeps its .ninja_log/.ninja_deps there, not in the source tree.
+        variables = [f"builddir = {tmp}", f"cxx = {cxx}", f"cflags = {_q(cflags + defines + includes)}",
+                     f"ldflags = {_q(ldflags)}"]
         if ext.cuda:
             variables += [f"nvcc = {nvcc}", f"nvflags = {_q(nvflags + defines)}"]
         ninja_file = os.path.join(tmp, "build.ninja")

@@ -2,6 +2,7 @@
 
 Ops (registered as `torch.ops.leanvae.*`, each with a fake kernel and autograd):
     haar_dwt3d, haar_dwt2d, haar_idwt3d, haar_idwt2d, haar_patch, haar_unpatch   wavelet transforms
+    haar_latent_compress, haar_latent_decompress                                multi-level latent compression
     causal_dwconv3d                                                             the model's PEG3D conv
     ista_step, soft_threshold                                                   the ISTA bottleneck
 Backends: "cuda" (CUDA C++), "triton", "cpu" (native C++), "reference" (pure PyTorch); see
@@ -13,5 +14,7 @@ from .ops import (
     haar_idwt2d, haar_idwt2d_reference, haar_idwt3d, haar_idwt3d_reference, haar_patch, haar_patch_reference,
     haar_unpatch, haar_unpatch_reference, ista_step, ista_step_reference, soft_threshold, soft_threshold_reference,
 )
+
+from .ops import haar_latent_compress, haar_latent_decompress  # noqa: E402  LC-VAE latent compression
 
 __version__ = "0.1.0"

@@ -1,4 +1,6 @@
 """Helpers shared by the op definitions: input validation with clear errors, dtype sets, output checks."""
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -53,6 +55,23 @@ def check_scalar(op, name, t):
         raise ValueError(f"{op}: {name} must hold one element (shape () or (1,)), got {describe(t)}")
 
 
+# Inside a torch.library.custom_op implementation the autograd dispatch keys are excluded, so tensors
+# made there never require grad and torch.autograd.grad would find no graph (the reference backward
+# silently returned zeros). `_autograd_enabled` lifts that exclusion for the reference's vjp only.
+_AUTOGRAD_KEYS = (
+    torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther, torch._C.DispatchKey.AutogradNestedTensor,
+)
+
+
+@contextlib.contextmanager
+def _autograd_enabled():
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
 def vjp(fn, inputs, grads):
     """Gradients of `fn(*inputs)` w.r.t. every floating tensor input, by autograd through `fn`.
 
@@ -60,7 +79,7 @@ def vjp(fn, inputs, grads):
     None are passed through and get None. `grads` matches fn's outputs (a tensor or a tuple; None for
     an output that receives no gradient).
     """
-    with torch.enable_grad():
+    with _autograd_enabled():
         leaves = [t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
         outs = fn(*leaves)
         outs = outs if isinstance(outs, tuple) else (outs,)

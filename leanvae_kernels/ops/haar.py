@@ -10,82 +10,96 @@ Contract (../shared/DESIGN.md; `rescale=True`, the published default):
     haar_idwt2d:  (B, 4C, 1, H, W) -> (B, C, 1, 2H, 2W).
     haar_patch:   x (B, C, T, H, W), T odd > 1 -> (dwt2d(frame 0), dwt3d(frames 1..T-1)) in one call.
     haar_unpatch: (xi, xv) -> cat(idwt2d(xi), idwt3d(xv)) along T: (B, C, 1 + 2T', 2H, 2W).
+
+Chain of names (CRAFT.md): the kernels `_haar_analysis_kernel` / `_haar_synthesis_kernel` (Triton,
+CUDA; csrc/cpu/haar.cpp on the CPU) -> native kernels "haar_analysis" / "haar_synthesis" and the Triton
+launchers `haar_analysis` / `haar_synthesis` -> the primitives `analysis` / `synthesis` below -> the
+ops `torch.ops.leanvae.haar_*` -> `FusedPatcher` / `FusedUnPatcher` (leanvae_kernels/nn/haar.py).
+Every op, forward and backward, is one launch of one of the two kernels: the backward of a DWT is a
+synthesis (with the reflected samples of odd sizes folded back onto sample N-2), the backward of an
+inverse DWT is an analysis. Any input strides are read in place; offsets are 64-bit.
 """
 import math
 
 import torch
 
+from .. import _native
 from .._backend import OpBackends, resolve
-from ._common import ALL_DTYPES, acc_dtype, check_tensor, describe, vjp
+from ._common import ALL_DTYPES, GPU_DTYPES, acc_dtype, check_tensor, describe, vjp
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
 
+# ------------------------------------------------------------------------------------------ scales
+# Every transform is a tree of +-1 butterflies (the published 1/sqrt2 taps folded out) times one scale:
+# with `rescale` the published 2*sqrt2 (3-D) and 2 (2-D) factors cancel the taps exactly.
+_S3 = {True: 1.0, False: _INV_SQRT2 / 2.0}      # dwt3d:  (1/sqrt2)^3 * (2*sqrt2 if rescale)
+_S2 = {True: 1.0, False: 0.5}                   # dwt2d:  (1/sqrt2)^2 * (2 if rescale)
+_INV3 = {True: 0.125, False: _INV_SQRT2 / 2.0}  # idwt3d: (1/sqrt2)^3 / (2*sqrt2 if rescale)
+_INV2 = {True: 0.25, False: 0.5}                # idwt2d: (1/sqrt2)^2 / (2 if rescale)
+
+
+def scales(rescale):
+    """(dwt2d, dwt3d, idwt2d, idwt3d) scale factors applied after the +-1 butterflies."""
+    rescale = bool(rescale)
+    return _S2[rescale], _S3[rescale], _INV2[rescale], _INV3[rescale]
+
+
 # -------------------------------------------------------------------------------------- references
+# The spec. Butterflies in the published order (3-D analysis along T, H, W; 2-D along W, H; synthesis in
+# reverse), computed in float32 (float64 for float64) and scaled once at the end; the fused kernels do
+# the same additions in the same order, so float32 results agree with these bit for bit.
 def _reflect_to_even(x, dim):
     """Append x[N-2] along `dim` when its length N is odd (the published reflect padding)."""
     n = x.shape[dim]
     return torch.cat([x, x.narrow(dim, n - 2, 1)], dim) if n % 2 else x
 
 
-def _analysis(parts, dim, scale):
-    """Split each tensor along `dim` into (low, high) = ((a+b)*scale, (a-b)*scale), low first."""
+def _analysis(parts, dim):
+    """Split each tensor along `dim` into (low, high) = (a + b, a - b) of its sample pairs, low first."""
     out = []
     for p in parts:
         p = _reflect_to_even(p, dim)
         a, b = p.unflatten(dim, (p.shape[dim] // 2, 2)).unbind(dim + 1)
-        out += [(a + b) * scale, (a - b) * scale] if scale != 1.0 else [a + b, a - b]
+        out += [a + b, a - b]
     return out
 
 
-def _synthesis(bands, dim, scale):
-    """Merge consecutive (low, high) pairs along `dim`: a = (l+h)*scale, b = (l-h)*scale, interleaved."""
-    out = []
-    for i in range(0, len(bands), 2):
-        lo, hi = bands[i], bands[i + 1]
-        out.append(torch.stack([(lo + hi) * scale, (lo - hi) * scale], dim + 1).flatten(dim, dim + 1))
-    return out
+def _synthesis(bands, dim):
+    """Merge consecutive (low, high) pairs along `dim` into samples (l + h, l - h), interleaved."""
+    return [torch.stack([lo + hi, lo - hi], dim + 1).flatten(dim, dim + 1) for lo, hi in zip(bands[0::2], bands[1::2])]
 
 
 def haar_dwt3d_reference(x, rescale=True):
     """x: (B, C, T, H, W) -> (B, 8C, ceil(T/2), ceil(H/2), ceil(W/2)), computed in float32."""
-    xf = x.to(acc_dtype(x.dtype))
-    # With rescale each band is a plain +-1 sum (the 2*sqrt2 cancels three 1/sqrt2), exact in float32.
-    scale = 1.0 if rescale else _INV_SQRT2
-    bands = _analysis([xf], 2, scale)
-    bands = _analysis(bands, 3, scale)
-    bands = _analysis(bands, 4, scale)
-    return torch.cat(bands, dim=1).to(x.dtype)
+    bands = [x.to(acc_dtype(x.dtype))]
+    for dim in (2, 3, 4):
+        bands = _analysis(bands, dim)
+    return (torch.cat(bands, dim=1) * _S3[bool(rescale)]).to(x.dtype)
 
 
 def haar_dwt2d_reference(x, rescale=True):
     """x: (B, C, 1, H, W) -> (B, 4C, 1, ceil(H/2), ceil(W/2)); band = 2*bw + bh."""
-    xf = x.to(acc_dtype(x.dtype)).squeeze(2)
-    scale = 1.0 if rescale else _INV_SQRT2
-    bands = _analysis([xf], 3, scale)  # along W first: W is the major bit of the band index
-    bands = _analysis(bands, 2, scale)
-    return torch.cat(bands, dim=1).unsqueeze(2).to(x.dtype)
+    bands = [x.to(acc_dtype(x.dtype)).squeeze(2)]
+    for dim in (3, 2):  # along W first: W is the major bit of the band index
+        bands = _analysis(bands, dim)
+    return (torch.cat(bands, dim=1) * _S2[bool(rescale)]).unsqueeze(2).to(x.dtype)
 
 
 def haar_idwt3d_reference(x, rescale=True):
     """(B, 8C, T, H, W) -> (B, C, 2T, 2H, 2W)."""
-    xf = x.to(acc_dtype(x.dtype))
-    scale = 0.5 if rescale else _INV_SQRT2
-    bands = list(torch.chunk(xf, 8, dim=1))
-    bands = _synthesis(bands, 4, scale)
-    bands = _synthesis(bands, 3, scale)
-    (y,) = _synthesis(bands, 2, scale)
-    return y.to(x.dtype)
+    bands = list(torch.chunk(x.to(acc_dtype(x.dtype)), 8, dim=1))
+    for dim in (4, 3, 2):
+        bands = _synthesis(bands, dim)
+    return (bands[0] * _INV3[bool(rescale)]).to(x.dtype)
 
 
 def haar_idwt2d_reference(x, rescale=True):
     """(B, 4C, 1, H, W) -> (B, C, 1, 2H, 2W)."""
-    xf = x.to(acc_dtype(x.dtype)).squeeze(2)
-    scale = 0.5 if rescale else _INV_SQRT2
-    bands = list(torch.chunk(xf, 4, dim=1))
-    bands = _synthesis(bands, 2, scale)
-    (y,) = _synthesis(bands, 3, scale)
-    return y.unsqueeze(2).to(x.dtype)
+    bands = list(torch.chunk(x.to(acc_dtype(x.dtype)).squeeze(2), 4, dim=1))
+    for dim in (2, 3):
+        bands = _synthesis(bands, dim)
+    return (bands[0] * _INV2[bool(rescale)]).unsqueeze(2).to(x.dtype)
 
 
 def haar_patch_reference(x, rescale=True):
@@ -131,8 +145,55 @@ def _dwt_shape(x, nbands, frames_out):
     return (b, nbands * c, frames_out, _half_up(h), _half_up(w))
 
 
+# ----------------------------------------------------------------------- fused primitives (kernels)
+# Two kernels per backend serve every op: `analysis` (a DWT, or the adjoint of an inverse DWT) and
+# `synthesis` (an inverse DWT, or the adjoint of a DWT, reflect folds included). `slots`/`mask` select
+# the 3-D bands for the latent compression (ops/haar_multilevel.py): band b goes to xv channel block
+# slots[b] (-1: dropped) and is zeroed / read as zero where bit b of `mask` is clear.
+IDENTITY_SLOTS = tuple(range(8))
+ALL_BANDS = 0xFF
+
+
+def _band_ints(has_xi, has_xv, slots, mask):
+    return [int(has_xi), int(has_xv), int(mask)] + [int(s) for s in slots]
+
+
+def analysis(backend, x, *, two_d=False, three_d=False, s2=1.0, s3=1.0, slots=IDENTITY_SLOTS, mask=ALL_BANDS):
+    """x: (B, C, T, H, W), any strides -> (xi, xv): xi (B, 4C, 1, Ho, Wo) of frame 0 when `two_d`;
+    xv (B, n*C, ceil(Tv/2), Ho, Wo) of frames (1 if two_d else 0).. when `three_d`, n = 1 + max(slots)."""
+    b, c, t, h, w = x.shape
+    ho, wo = _half_up(h), _half_up(w)
+    f0 = 1 if two_d else 0
+    xi = x.new_empty((b, 4 * c, 1, ho, wo)) if two_d else None
+    nslots = max(slots) + 1
+    xv = x.new_empty((b, nslots * c, _half_up(t - f0), ho, wo)) if three_d else None
+    if backend == "triton":
+        from ..triton.haar import haar_analysis
+
+        haar_analysis(x, xi, xv, slots, mask, s2, s3)
+    else:
+        _native.run(backend, "haar_analysis", [x, x if xi is None else xi, x if xv is None else xv],
+                    ints=_band_ints(two_d, three_d, slots, mask), floats=[s2, s3])
+    return xi, xv
+
+
+def synthesis(backend, xi, xv, out_shape, *, s2=1.0, s3=1.0, slots=IDENTITY_SLOTS, mask=ALL_BANDS):
+    """xi (B, 4C, 1, Ho, Wo) or None, xv (B, n*C, To, Ho, Wo) or None -> y (B, C, T, H, W) = out_shape:
+    frame 0 from xi, frames (1 if xi else 0).. from xv; for odd sizes the reflected samples fold back."""
+    ref = xv if xv is not None else xi
+    y = ref.new_empty(out_shape)
+    if backend == "triton":
+        from ..triton.haar import haar_synthesis
+
+        haar_synthesis(xi, xv, y, slots, mask, s2, s3)
+    else:
+        _native.run(backend, "haar_synthesis", [ref if xi is None else xi, ref if xv is None else xv, y],
+                    ints=_band_ints(xi is not None, xv is not None, slots, mask), floats=[s2, s3])
+    return y
+
+
 # ------------------------------------------------------------------------------------ op registry
-# Each op: OpBackends for forward and backward; kernels register more backends into these.
+# Each op: OpBackends for forward and backward; reference = autograd through the spec above.
 dwt3d_fwd, dwt3d_bwd = OpBackends("haar_dwt3d"), OpBackends("haar_dwt3d_backward")
 dwt2d_fwd, dwt2d_bwd = OpBackends("haar_dwt2d"), OpBackends("haar_dwt2d_backward")
 idwt3d_fwd, idwt3d_bwd = OpBackends("haar_idwt3d"), OpBackends("haar_idwt3d_backward")
@@ -158,6 +219,40 @@ unpatch_fwd.register("reference", ALL_DTYPES)(haar_unpatch_reference)
 unpatch_bwd.register("reference", ALL_DTYPES)(
     lambda grad, xi, xv, rescale: tuple(vjp(lambda a, b: haar_unpatch_reference(a, b, rescale), (xi, xv), grad))
 )
+
+
+def _register_fused(backend, dtypes):
+    """Every op, forward and backward, as one analysis or synthesis launch of `backend`."""
+    def A(x, **kw):
+        return analysis(backend, x, **kw)
+
+    def S(xi, xv, shape, **kw):
+        return synthesis(backend, xi, xv, shape, **kw)
+
+    def up(x, bands, frames):  # output shape of an inverse: (B, C, frames, 2H, 2W)
+        return (x.shape[0], x.shape[1] // bands, frames, 2 * x.shape[3], 2 * x.shape[4])
+
+    reg = [
+        (dwt3d_fwd, lambda x, r: A(x, three_d=True, s3=_S3[r])[1]),
+        (dwt3d_bwd, lambda g, x, r: S(None, g, x.shape, s3=_S3[r])),
+        (dwt2d_fwd, lambda x, r: A(x, two_d=True, s2=_S2[r])[0]),
+        (dwt2d_bwd, lambda g, x, r: S(g, None, x.shape, s2=_S2[r])),
+        (idwt3d_fwd, lambda x, r: S(None, x, up(x, 8, 2 * x.shape[2]), s3=_INV3[r])),
+        (idwt3d_bwd, lambda g, x, r: A(g, three_d=True, s3=_INV3[r])[1]),
+        (idwt2d_fwd, lambda x, r: S(x, None, up(x, 4, 1), s2=_INV2[r])),
+        (idwt2d_bwd, lambda g, x, r: A(g, two_d=True, s2=_INV2[r])[0]),
+        (patch_fwd, lambda x, r: A(x, two_d=True, three_d=True, s2=_S2[r], s3=_S3[r])),
+        (patch_bwd, lambda gi, gv, x, r: S(gi, gv, x.shape, s2=_S2[r], s3=_S3[r])),
+        (unpatch_fwd, lambda xi, xv, r: S(xi, xv, up(xv, 8, 1 + 2 * xv.shape[2]), s2=_INV2[r], s3=_INV3[r])),
+        (unpatch_bwd, lambda g, xi, xv, r: A(g, two_d=True, three_d=True, s2=_INV2[r], s3=_INV3[r])),
+    ]
+    for ops, fn in reg:
+        ops.register(backend, dtypes)(fn)
+
+
+_register_fused("cpu", ALL_DTYPES)
+_register_fused("cuda", GPU_DTYPES)
+_register_fused("triton", GPU_DTYPES)
 
 
 def _single_input_op(name, fwd, bwd, check, out_shape):

@@ -1,0 +1,208 @@
+"""The CUDA Haar kernels (csrc/cuda/haar.cu), launchers included, compiled for the host and run thread by
+thread on the CPU, against the native CPU backend.
+
+No GPU is needed: the kernels use no shared memory, no synchronisation and no warp intrinsics, so
+running every (block, thread) of the grid in turn is exactly the CUDA semantics. What this checks: the
+indexing, the tiling, the vector loads and their fallbacks, the odd-size folds, strides, band slots and
+masks. What it cannot check: real device behaviour (float <-> 16-bit conversions here are the CPU's,
+alignment faults, performance). Skipped without a host C++ compiler.
+"""
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from helpers import DTYPE_IDS
+
+import leanvae_kernels as lk
+from leanvae_kernels import _native
+from leanvae_kernels.ops import haar as H
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+SHIM = r"""
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include "common/kernel_args.h"
+#include "cpu/cpu_common.h"
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+struct dim3 { unsigned x = 1, y = 1, z = 1; dim3() {} dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
+static thread_local dim3 blockIdx, threadIdx, gridDim, blockDim;
+using __half = leanvae::cpu::Half;
+using __nv_bfloat16 = leanvae::cpu::BFloat16;
+namespace leanvae {
+const char* dtype_name(int dtype) { static const char* n[] = {"float32", "float16", "bfloat16", "float64"}; return n[dtype & 3]; }
+namespace cuda {
+template <class T> inline float to_float(T v) { return leanvae::cpu::to_float(v); }
+template <class T> inline T from_float(float v) { return leanvae::cpu::from_float<T>(v); }
+template <class F> inline void dispatch_float(int dtype, const std::string& name, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat16: f(__half{}); break;
+    case kBFloat16: f(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument(name + ": the cuda backend does not support dtype " + dtype_name(dtype));
+  }
+}
+inline void set_device(const KernelArgs&) {}
+inline void* stream_of(const KernelArgs&) { return nullptr; }
+// Runs every thread of every block in turn.
+inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  gridDim = grid; blockDim = block;
+  for (unsigned bz = 0; bz < grid.z; ++bz) for (unsigned by = 0; by < grid.y; ++by) for (unsigned bx = 0; bx < grid.x; ++bx)
+    for (unsigned tz = 0; tz < block.z; ++tz) for (unsigned ty = 0; ty < block.y; ++ty) for (unsigned tx = 0; tx < block.x; ++tx) {
+      blockIdx = dim3(bx, by, bz); threadIdx = dim3(tx, ty, tz); body();
+    }
+}
+}  // namespace cuda
+}  // namespace leanvae
+#define LEANVAE_CUDA_CHECK_LAUNCH(args) ((void)0)
+#undef LEANVAE_REGISTER_KERNEL
+#define LEANVAE_REGISTER_KERNEL(name, fn) static const bool emu_registered_##fn = (emu_register(name, fn), true)
+static leanvae::KernelFn emu_kernels[2];
+static void emu_register(const char* name, leanvae::KernelFn fn) { emu_kernels[std::string(name) == "haar_synthesis"] = fn; }
+"""
+
+DRIVER = r"""
+extern "C" const char* emu_call(int which, const void* const* ptrs, const int* dtypes, const int64_t* shapes,
+                                const int64_t* strides, const int64_t* ints, int nints, const double* floats) {
+  static std::string error;
+  leanvae::KernelArgs a;
+  a.name = which ? "haar_synthesis" : "haar_analysis";
+  for (int k = 0; k < 3; ++k) {
+    leanvae::TensorView v;
+    v.data = const_cast<void*>(ptrs[k]);
+    v.dtype = dtypes[k];
+    v.ndim = 5;
+    for (int d = 0; d < 5; ++d) { v.shape[d] = shapes[5 * k + d]; v.stride[d] = strides[5 * k + d]; }
+    a.tensors.push_back(v);
+  }
+  a.ints.assign(ints, ints + nints);
+  a.floats.assign(floats, floats + 2);
+  try { emu_kernels[which](a); } catch (const std::exception& e) { error = e.what(); return error.c_str(); }
+  return nullptr;
+}
+"""
+
+
+def _emulated_source():
+    src = open(os.path.join(CSRC, "cuda", "haar.cu")).read()
+    src = src.replace('#include "cuda_common.cuh"', "").replace('#include "../common/haar_tree.h"', '#include "common/haar_tree.h"')
+    # kernel<T><<<grid, block, shmem, stream>>>(args);  ->  emu_launch(grid, block, [&] { kernel<T>(args); });
+    src, n = re.subn(r"(\w+<T>)<<<([^,]+), (dim3\([^)]*\)), [^>]*>>>\((.*?)\);", r"emu_launch(\2, \3, [&] { \1(\4); });",
+                     src, flags=re.S)
+    assert n == 2, "expected the two kernel launches of csrc/cuda/haar.cu"
+    return SHIM + src + DRIVER
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to emulate the CUDA kernels with")
+    d = tmp_path_factory.mktemp("cuda_emu")
+    cpp, so = d / "haar_emu.cpp", d / "haar_emu.so"
+    cpp.write_text(_emulated_source())
+    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+                    f"-I{CSRC}", str(cpp), "-o", str(so)], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(so))
+    lib.emu_call.restype = ctypes.c_char_p
+    return lib
+
+
+def _call(lib, which, tensors, ints, floats):
+    i64 = ctypes.c_int64
+    ptrs = (ctypes.c_void_p * 3)(*[t.data_ptr() for t in tensors])
+    dtypes = (ctypes.c_int * 3)(*[_native._DTYPE_CODES[t.dtype] for t in tensors])
+    shapes = (i64 * 15)(*[s for t in tensors for s in t.shape])
+    strides = (i64 * 15)(*[s for t in tensors for s in t.stride()])
+    ints_c = (i64 * len(ints))(*ints)
+    err = lib.emu_call(which, ptrs, dtypes, shapes, strides, ints_c, len(ints), (ctypes.c_double * 2)(*floats))
+    if err:
+        raise RuntimeError(err.decode())
+
+
+def _analysis(lib, x, two_d, three_d, s2, s3, slots=H.IDENTITY_SLOTS, mask=H.ALL_BANDS):
+    b, c, t, h, w = x.shape
+    ho, wo, f0 = (h + 1) // 2, (w + 1) // 2, int(two_d)
+    xi = torch.full((b, 4 * c, 1, ho, wo), float("nan"), dtype=x.dtype) if two_d else x
+    xv = torch.full((b, (max(slots) + 1) * c, (t - f0 + 1) // 2, ho, wo), float("nan"), dtype=x.dtype) if three_d else x
+    _call(lib, 0, [x, xi, xv], H._band_ints(two_d, three_d, slots, mask), [s2, s3])
+    return (xi if two_d else None), (xv if three_d else None)
+
+
+def _synthesis(lib, xi, xv, shape, s2, s3, slots=H.IDENTITY_SLOTS, mask=H.ALL_BANDS):
+    ref = xv if xv is not None else xi
+    y = torch.full(shape, float("nan"), dtype=ref.dtype)
+    _call(lib, 1, [ref if xi is None else xi, ref if xv is None else xv, y],
+          H._band_ints(xi is not None, xv is not None, slots, mask), [s2, s3])
+    return y
+
+
+# Widths around the 2*kV = 4 samples a thread reads and the 128 blocks of a thread block; odd sizes.
+SHAPES = [(1, 3, 17, 8, 20), (2, 2, 9, 7, 11), (1, 1, 5, 3, 3), (1, 2, 3, 2, 258), (1, 1, 4, 9, 257), (1, 1, 3, 10, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_cuda_matches_cpu(emu, dtype, shape):
+    x = torch.randn(shape).to(dtype)
+    s2, s3, i2, i3 = H.scales(False)
+    has_2d = shape[2] % 2 == 1
+    for two_d, three_d in ((has_2d, True), (True, False)):
+        src = x if three_d else x[:, :, :1]
+        xi, xv = _analysis(emu, src, two_d, three_d, s2, s3)
+        ri, rv = H.analysis("cpu", src, two_d=two_d, three_d=three_d, s2=s2, s3=s3)
+        for a, r in zip((xi, xv), (ri, rv)):
+            assert a is None or torch.equal(a, r)
+        # The adjoint (odd sizes fold) and the inverse (even sizes).
+        y = _synthesis(emu, ri, rv, src.shape, s2, s3)
+        assert torch.equal(y, H.synthesis("cpu", ri, rv, src.shape, s2=s2, s3=s3))
+        up = (src.shape[0], src.shape[1], (1 if two_d else 0) + 2 * (rv.shape[2] if three_d else 0),
+              2 * ri_or(ri, rv).shape[3], 2 * ri_or(ri, rv).shape[4])
+        y = _synthesis(emu, ri, rv, up, i2, i3)
+        assert torch.equal(y, H.synthesis("cpu", ri, rv, up, s2=i2, s3=i3))
+
+
+def ri_or(ri, rv):
+    return rv if rv is not None else ri
+
+
+def test_emulated_cuda_strided_slots_and_masks(emu):
+    big = torch.randn(2, 5, 12, 9, 23)
+    x = big[:, 1:4, 1:, :, 1::2]  # frame and channel slices, W stride 2
+    ri, rv = H.analysis("cpu", x.contiguous(), two_d=True, three_d=True)
+    xi, xv = _analysis(emu, x, True, True, 1.0, 1.0)
+    assert torch.equal(xi, ri) and torch.equal(xv, rv)
+    # Latent-compression band maps: dropped bands (slot -1), zeroed bands (mask), reordered slots.
+    z = torch.randn(1, 2, 4, 6, 10)
+    for slots, mask in (((2, -1, 0, -1, 1, -1, -1, -1), 0xFF), (tuple(range(8)), 0b00010111), ((0,) + (-1,) * 7, 1)):
+        _, a = _analysis(emu, z, False, True, 0.5, 0.25, slots, mask)
+        _, r = H.analysis("cpu", z, three_d=True, s2=0.5, s3=0.25, slots=slots, mask=mask)
+        assert torch.equal(a, r)
+        bands = torch.randn_like(r).transpose(-1, -2).contiguous().transpose(-1, -2)  # non-contiguous input
+        y = _synthesis(emu, None, bands, z.shape, 1.0, 0.125, slots, mask)
+        assert torch.equal(y, H.synthesis("cpu", None, bands, z.shape, s3=0.125, slots=slots, mask=mask))
+
+
+def test_emulated_cuda_int64_offsets(emu):
+    """Element offsets past 2^31 (a strided view into a lazily committed 4 GiB buffer)."""
+    n = (1 << 31) + 4096
+    buf = torch.empty(n, dtype=torch.bfloat16)
+    x = buf.as_strided((1, 1, 3, 2, 4), (0, 0, 1 << 30, 4, 1))
+    small = torch.randn(1, 1, 3, 2, 4).to(torch.bfloat16)
+    x.copy_(small)
+    xi, xv = _analysis(emu, x, True, True, 1.0, 1.0)
+    ri, rv = lk.haar_patch(small, backend="reference")
+    assert torch.equal(xi, ri) and torch.equal(xv, rv)
+    y = buf.as_strided((1, 1, 3, 2, 4), (0, 0, 1 << 30, 4, 1))
+    _call(emu, 1, [ri, rv, y], H._band_ints(True, True, H.IDENTITY_SLOTS, H.ALL_BANDS), [0.25, 0.125])
+    assert torch.equal(y.contiguous(), lk.haar_unpatch(ri, rv, backend="reference"))
