@@ -120,18 +120,30 @@ def errors(actual, expected):
     }
 
 
-def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, latent_dim=4, backend="auto",
-        compile=False, tile=False, repeats=3, warmup=1, progress=True):
-    """Run the benchmark; returns a dict with the setup, per-variant timings/memory, and errors."""
+def resolve_setup(frames=17, height=None, width=None, batch=1, device=None, dtype=None):
+    """Defaults and validation of the benchmark's arguments: (device, height, width, dtype).
+
+    Raises ValueError for arguments the model cannot take."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is visible to torch")
     if height is None or width is None:
         height, width = (1080, 1920) if device.type == "cuda" else (256, 256)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if frames < 1 or frames % 4 != 1:
         raise ValueError(f"frames must be 1+4k (1, 5, 9, 17, ...), got {frames}")
-    if height % 8 or width % 8:
-        raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+    if height <= 0 or width <= 0 or height % 8 or width % 8:
+        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return device, height, width, dtype
+
+
+def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, latent_dim=4, backend="auto",
+        compile=False, tile=False, repeats=3, warmup=1, progress=True):
+    """Run the benchmark; returns a dict with the setup, per-variant timings/memory, and errors."""
+    device, height, width, dtype = resolve_setup(frames, height, width, batch, device, dtype)
 
     import leanvae_kernels
     from leanvae_kernels.patching import use_fused_kernels

@@ -78,12 +78,13 @@ def cmd_bench(args):
     height, width = args.size if args.size else (None, None)
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
     try:
-        report = bench.run(frames=args.frames, height=height, width=width, batch=args.batch, device=args.device,
-                           dtype=dtype, latent_dim=args.latent_dim, backend=args.backend, compile=args.compile,
-                           tile=args.tile, repeats=args.repeats, warmup=args.warmup, progress=not args.quiet)
-    except (ValueError, TypeError) as exc:
+        bench.resolve_setup(args.frames, height, width, args.batch, args.device, dtype)
+    except (ValueError, RuntimeError) as exc:
         print(f"leanvae bench: {exc}", file=sys.stderr)
         return 2
+    report = bench.run(frames=args.frames, height=height, width=width, batch=args.batch, device=args.device,
+                       dtype=dtype, latent_dim=args.latent_dim, backend=args.backend, compile=args.compile,
+                       tile=args.tile, repeats=args.repeats, warmup=args.warmup, progress=not args.quiet)
     print(bench.format_table(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -17,16 +17,23 @@ from ..ops.haar import haar_patch, haar_unpatch
 from ..ops.haar_multilevel import DEFAULT_KEEP, haar_latent_compress, haar_latent_decompress, parse_keep
 
 
-def fused_patcher_forward(self, x):
+def _autocast(t):
+    """As the reference's convolutions under autocast: compute in the autocast dtype."""
+    if t is not None and torch.is_autocast_enabled(t.device.type):
+        return t.to(torch.get_autocast_dtype(t.device.type))
+    return t
+
+
+def fused_patcher_forward(self, x, backend=None):
     """Patcher.forward in one launch. x: (B, C, T, H, W) -> (xi, xv):
     T == 1: (B, 4C, 1, H', W'), None; T odd > 1: both; T even: None, (B, 8C, T/2, H', W'); H' = ceil(H/2)."""
-    return haar_patch(x, self.rescale)
+    return haar_patch(_autocast(x), self.rescale, backend=backend)
 
 
-def fused_unpatcher_forward(self, x):
+def fused_unpatcher_forward(self, x, backend=None):
     """UnPatcher.forward in one launch. x = (xi, xv) -> video (B, C, T, H, W); xi alone -> image (B, C, H, W)."""
     xi, xv = x
-    return haar_unpatch(xi, xv, self.rescale)
+    return haar_unpatch(_autocast(xi), _autocast(xv), self.rescale, backend=backend)
 
 
 class FusedPatcher(Patcher):
