@@ -18,8 +18,9 @@ group mode).
 import torch
 import torch.nn.functional as F
 
+from .. import _native
 from .._backend import OpBackends, resolve
-from ._common import ALL_DTYPES, acc_dtype, check_same_device, check_same_dtype, check_tensor, describe, vjp
+from ._common import ALL_DTYPES, GPU_DTYPES, acc_dtype, check_same_device, check_same_dtype, check_tensor, describe, vjp
 
 
 def _cache_frames(group_size):
@@ -69,6 +70,8 @@ def _check(x, weight, bias, cache, residual, group_size):
         raise ValueError(f"{op}: weight must be (C, 1, 3, 3, 3) = ({c}, 1, 3, 3, 3) for x with C={c}, got {describe(weight)}")
     if bias is not None and tuple(bias.shape) != (c,):
         raise ValueError(f"{op}: bias must be (C,) = ({c},), got {describe(bias)}")
+    if not isinstance(residual, bool):
+        raise TypeError(f"{op}: residual must be a bool, got {residual!r}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
         raise ValueError(f"{op}: group_size must be an int >= 0 (0: causal mode), got {group_size!r}")
     n_cache = _cache_frames(group_size)
@@ -88,6 +91,55 @@ def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
 
     gx, gw, gb, gc = vjp(f, (x, weight, bias, cache), (grad_y, grad_cache))
     return gx, gw, gb, gc
+
+
+def _weights27(weight, flip=False):
+    """(C, 1, 3, 3, 3) -> (27, C) in the accumulation dtype, tap (i, j, k) major, so a kernel reads a tap's
+    channels contiguously. flip: spatial taps mirrored (j, k -> 2-j, 2-k), the adjoint's weights."""
+    w = weight.reshape(weight.shape[0], 3, 3, 3)
+    if flip:
+        w = w.flip(2, 3)
+    return w.reshape(weight.shape[0], 27).t().to(acc_dtype(weight.dtype)).contiguous()
+
+
+def _native_impls(backend, dtypes):
+    # Kernels read x, cache and the gradients with their strides (no copy); outputs are contiguous.
+    @fwd.register(backend, dtypes)
+    def _(x, weight, bias, cache, residual, group_size):
+        b, t, h, w, c = x.shape
+        w27 = _weights27(weight)
+        bias27 = bias.to(w27.dtype).contiguous() if bias is not None else w27
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        new_cache = torch.empty((b, _cache_frames(group_size), h, w, c), dtype=x.dtype, device=x.device)
+        _native.run(backend, "causal_dwconv3d_fwd", [x, cache if cache is not None else x, w27, bias27, y, new_cache],
+                    ints=[cache is not None, bias is not None, residual, group_size])
+        return y, new_cache
+
+    @bwd.register(backend, dtypes)
+    def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
+        grad_y, grad_cache = grad_y.to(x.dtype), grad_cache.to(x.dtype)
+        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        gc = torch.empty(cache.shape, dtype=x.dtype, device=x.device) if cache is not None else None
+        _native.run(backend, "causal_dwconv3d_bwd_input", [grad_y, grad_cache, _weights27(weight, flip=True), gx,
+                                                            gc if gc is not None else gx],
+                    ints=[cache is not None, residual, group_size])
+        gw27, gb = _weight_grad(backend, grad_y, x, cache, group_size)
+        gw = gw27.t().reshape(weight.shape).to(weight.dtype)
+        return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
+
+
+def _weight_grad(backend, grad_y, x, cache, group_size):
+    """(grad weight as (27, C), grad bias (C,)) in the accumulation dtype, by fixed partial sums."""
+    c = x.shape[-1]
+    acc = acc_dtype(x.dtype)
+    gw27 = torch.empty((27, c), dtype=acc, device=x.device)
+    gb = torch.empty((c,), dtype=acc, device=x.device)
+    _native.run(backend, "causal_dwconv3d_bwd_weight", [x, cache if cache is not None else x, grad_y, gw27, gb],
+                ints=[cache is not None, group_size])
+    return gw27, gb
+
+
+_native_impls("cpu", ALL_DTYPES)
 
 
 @torch.library.custom_op("leanvae::causal_dwconv3d", mutates_args=())
