@@ -124,7 +124,7 @@ def _native_impls(backend, dtypes):
                                                             gc if gc is not None else gx],
                     ints=[cache is not None, residual, group_size])
         gw27, gb = _weight_grad(backend, grad_y, x, cache, group_size)
-        gw = gw27.t().reshape(weight.shape).to(weight.dtype)
+        gw = gw27.t().contiguous().reshape(weight.shape).to(weight.dtype)
         return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
 
 
@@ -140,6 +140,29 @@ def _weight_grad(backend, grad_y, x, cache, group_size):
 
 
 _native_impls("cpu", ALL_DTYPES)
+
+
+def _bias32(bias):
+    return bias.float().contiguous() if bias is not None else None
+
+
+@fwd.register("triton", GPU_DTYPES)
+def _(x, weight, bias, cache, residual, group_size):
+    from ..triton.causal_conv import causal_dwconv3d_fwd
+
+    return causal_dwconv3d_fwd(x, cache, _weights27(weight), _bias32(bias), residual, group_size)
+
+
+@bwd.register("triton", GPU_DTYPES)
+def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
+    from ..triton.causal_conv import causal_dwconv3d_bwd_input, causal_dwconv3d_bwd_weight
+
+    grad_y, grad_cache = grad_y.to(x.dtype), grad_cache.to(x.dtype)
+    gx, gc = causal_dwconv3d_bwd_input(grad_y, grad_cache, _weights27(weight, flip=True), cache is not None,
+                                       residual, group_size)
+    gw27, gb = causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size)
+    gw = gw27.t().contiguous().reshape(weight.shape).to(weight.dtype)
+    return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
 
 
 @torch.library.custom_op("leanvae::causal_dwconv3d", mutates_args=())
