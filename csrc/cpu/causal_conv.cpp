@@ -167,12 +167,21 @@ void pack_weights(std::vector<A>& wp, std::vector<A>& bp, const TensorView& w27,
   }
 }
 
+// Calls smaller than this many output elements run on one thread: waking a team costs more than the work,
+// and on a busy machine a team waits for its slowest (descheduled) member.
+constexpr int64_t kMinParallelElements = 1 << 16;
+
+inline int threads_for(const KernelArgs& a, int64_t elements) {
+  return elements < kMinParallelElements ? 1 : a.num_threads;
+}
+
 struct Tiles {
   int64_t B, T, H, W, C, nht, nwt, ncb;
   Tiles(const TensorView& x)
       : B(x.size(0)), T(x.size(1)), H(x.size(2)), W(x.size(3)), C(x.size(4)), nht((H + HT - 1) / HT),
         nwt((W + WT - 1) / WT), ncb((C + CB - 1) / CB) {}
   int64_t positions() const { return B * nht * nwt; }
+  int64_t elements() const { return B * T * H * W * C; }
 };
 
 // Forward (kBwd = false) and grad input (kBwd = true), which is the same correlation with spatially
@@ -196,7 +205,7 @@ void conv_frames(const KernelArgs& a, const Tiles& tl, const Temporal& tv, bool 
   const int64_t o_lo = kBwd ? (has_cache ? -n : 0) : 0;          // first output frame
   const int64_t tasks = tl.positions() * tl.ncb;
 
-#pragma omp parallel num_threads(a.num_threads)
+#pragma omp parallel num_threads(threads_for(a, tl.elements()))
   {
     std::vector<A> ring(3 * kSlot), outrow(WT * CB);
 #pragma omp for schedule(dynamic, 1)
@@ -283,17 +292,22 @@ void conv_frames(const KernelArgs& a, const Tiles& tl, const Temporal& tv, bool 
 
 // Grad weight and bias. Work item as above; per item, partial[tap][c] = sum over its positions and all
 // frames of gy * (frame read through tap), tap 27 = sum of gy (bias). Partials are summed over items in
-// item order. Tensors: [x, cache, gy, gw27 (27, C) acc type, gb (C,) acc type].
+// item order. Tensors: [x, cache, gy, gw27 (27, C), gb (C,), part (B * ceil(H/HT) * ceil(W/WT), 28, C)], the
+// last three in the accumulation type; ints [has_cache, group_size, HT, WT].
 template <class S>
 void conv_weight_grad(const KernelArgs& a, const Tiles& tl, const Temporal& tv, bool has_cache) {
   using A = acc_t<S>;
-  const TensorView &x = a.t(0), &cache = a.t(1), &gy = a.t(2), &gw = a.t(3), &gb = a.t(4);
+  const TensorView &x = a.t(0), &cache = a.t(1), &gy = a.t(2), &gw = a.t(3), &gb = a.t(4), &part = a.t(5);
   const int64_t T = tl.T, H = tl.H, W = tl.W, C = tl.C;
   const int n = tv.n, off = tv.off;
   const int64_t npos = tl.positions(), tasks = npos * tl.ncb;
-  std::vector<A> partials(npos * 28 * C);
+  if (a.i(2) != HT || a.i(3) != WT)
+    throw std::invalid_argument(a.name + ": partial tile must be " + std::to_string(HT) + " x " + std::to_string(WT));
+  if (part.ndim != 3 || part.size(0) != npos || part.size(1) != 28 || part.size(2) != C || !part.is_contiguous())
+    throw std::invalid_argument(a.name + ": workspace must be a contiguous (" + std::to_string(npos) + ", 28, C) tensor");
+  A* partials = part.ptr<A>();
 
-#pragma omp parallel num_threads(a.num_threads)
+#pragma omp parallel num_threads(threads_for(a, tl.elements()))
   {
     std::vector<A> ring(3 * kSlot), gbuf(HT * WT * CB);
 #pragma omp for schedule(dynamic, 1)
@@ -359,13 +373,13 @@ void conv_weight_grad(const KernelArgs& a, const Tiles& tl, const Temporal& tv, 
             }
         }
       }
-      A* p = partials.data() + pos * 28 * C + c0;
+      A* p = partials + pos * 28 * C + c0;
       for (int tap = 0; tap < 28; ++tap)
         for (int c = 0; c < cn; ++c) p[tap * C + c] = acc[tap][c];
     }
   }
   // Fixed-order reduction over work items.
-#pragma omp parallel for num_threads(a.num_threads) schedule(static)
+#pragma omp parallel for num_threads(threads_for(a, npos * 28 * C)) schedule(static)
   for (int64_t tc = 0; tc < 28 * C; ++tc) {
     A s = 0;
     for (int64_t pos = 0; pos < npos; ++pos) s += partials[pos * 28 * C + tc];

@@ -51,7 +51,7 @@ def causal_dwconv3d_reference(x, weight, bias=None, cache=None, residual=False, 
     if residual:
         y = y + xf
     new_cache = torch.cat([prev, xf], dim=1)[:, -n_cache:]
-    return y.to(x.dtype), new_cache.to(x.dtype).contiguous()
+    return y.to(x.dtype), new_cache.to(x.dtype).clone(memory_format=torch.contiguous_format)
 
 
 def _check(x, weight, bias, cache, residual, group_size):
@@ -102,44 +102,56 @@ def _weights27(weight, flip=False):
     return w.reshape(weight.shape[0], 27).t().to(acc_dtype(weight.dtype)).contiguous()
 
 
-def _native_impls(backend, dtypes):
-    # Kernels read x, cache and the gradients with their strides (no copy); outputs are contiguous.
-    @fwd.register(backend, dtypes)
-    def _(x, weight, bias, cache, residual, group_size):
+# Rows x columns of pixels per partial sum of the native weight grads (checked by the kernels).
+_WGRAD_TILE = {"cpu": (4, 32), "cuda": (8, 32)}
+
+
+def _native_fns(backend, suffix="", tile=None):
+    """(forward, backward) implementations calling the native kernels "causal_dwconv3d_*{suffix}" of `backend`.
+
+    Kernels read x, cache and the gradients with their strides (no copy); outputs are contiguous.
+    """
+    rows, cols = _WGRAD_TILE[tile or backend]
+
+    def forward(x, weight, bias, cache, residual, group_size):
         b, t, h, w, c = x.shape
         w27 = _weights27(weight)
         bias27 = bias.to(w27.dtype).contiguous() if bias is not None else w27
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         new_cache = torch.empty((b, _cache_frames(group_size), h, w, c), dtype=x.dtype, device=x.device)
-        _native.run(backend, "causal_dwconv3d_fwd", [x, cache if cache is not None else x, w27, bias27, y, new_cache],
+        _native.run(backend, "causal_dwconv3d_fwd" + suffix, [x, cache if cache is not None else x, w27, bias27, y,
+                                                              new_cache],
                     ints=[cache is not None, bias is not None, residual, group_size])
         return y, new_cache
 
-    @bwd.register(backend, dtypes)
-    def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
+    def backward(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
+        b, t, h, w, c = x.shape
         grad_y, grad_cache = grad_y.to(x.dtype), grad_cache.to(x.dtype)
         gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         gc = torch.empty(cache.shape, dtype=x.dtype, device=x.device) if cache is not None else None
-        _native.run(backend, "causal_dwconv3d_bwd_input", [grad_y, grad_cache, _weights27(weight, flip=True), gx,
-                                                            gc if gc is not None else gx],
+        _native.run(backend, "causal_dwconv3d_bwd_input" + suffix,
+                    [grad_y, grad_cache, _weights27(weight, flip=True), gx, gc if gc is not None else gx],
                     ints=[cache is not None, residual, group_size])
-        gw27, gb = _weight_grad(backend, grad_y, x, cache, group_size)
+        acc = acc_dtype(x.dtype)
+        gw27 = torch.empty((27, c), dtype=acc, device=x.device)
+        gb = torch.empty((c,), dtype=acc, device=x.device)
+        part = torch.empty((b * -(-h // rows) * -(-w // cols), 28, c), dtype=acc, device=x.device)
+        _native.run(backend, "causal_dwconv3d_bwd_weight" + suffix,
+                    [x, cache if cache is not None else x, grad_y, gw27, gb, part],
+                    ints=[cache is not None, group_size, rows, cols])
         gw = gw27.t().contiguous().reshape(weight.shape).to(weight.dtype)
         return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
 
-
-def _weight_grad(backend, grad_y, x, cache, group_size):
-    """(grad weight as (27, C), grad bias (C,)) in the accumulation dtype, by fixed partial sums."""
-    c = x.shape[-1]
-    acc = acc_dtype(x.dtype)
-    gw27 = torch.empty((27, c), dtype=acc, device=x.device)
-    gb = torch.empty((c,), dtype=acc, device=x.device)
-    _native.run(backend, "causal_dwconv3d_bwd_weight", [x, cache if cache is not None else x, grad_y, gw27, gb],
-                ints=[cache is not None, group_size])
-    return gw27, gb
+    return forward, backward
 
 
-_native_impls("cpu", ALL_DTYPES)
+for _backend, _dtypes in (("cpu", ALL_DTYPES), ("cuda", GPU_DTYPES)):
+    _f, _b = _native_fns(_backend)
+    fwd.register(_backend, _dtypes)(_f)
+    bwd.register(_backend, _dtypes)(_b)
+
+# Tests only: the CUDA kernels' per-thread bodies compiled for the host and run on CPU tensors.
+cuda_emulation = _native_fns("cpu", "_cudaemu", tile="cuda")
 
 
 def _bias32(bias):
