@@ -13,7 +13,16 @@ Contract (../shared/DESIGN.md):
         tap after a group's last frame reads zeros. new_cache = the call's last frame (B, 1, H, W, C).
     residual=True returns y + x (the model's ResNAF adds it).
 Chunked calls that pass the returned cache equal one full call exactly (chunks of whole groups in
-group mode).
+group mode): every backend accumulates an output in the same order (bias, then taps (i, j, k)) whether a
+tap reads the cache or x. The weight/bias gradients are reductions over B*T*H*W done as fixed blocks of
+partial sums added in a fixed order: deterministic, independent of the thread count.
+
+Chain of names (CRAFT.md): kernels `_causal_dwconv3d_kernel` / `_causal_dwconv3d_wgrad_kernel` (Triton,
+CUDA; CUDA per-thread bodies `conv_thread` / `wgrad_thread` in csrc/cuda/causal_conv_body.cuh) and
+`conv_frames` / `conv_weight_grad` (csrc/cpu/causal_conv.cpp) -> native kernels "causal_dwconv3d_fwd",
+"causal_dwconv3d_bwd_input", "causal_dwconv3d_bwd_weight" / Triton launchers of the same names ->
+`torch.ops.leanvae.causal_dwconv3d` (+ `causal_dwconv3d_backward`) -> `causal_dwconv3d()` below ->
+`leanvae_kernels.nn.peg3d` (FusedPEG3D, fused_peg3d_forward, fused_naf_forward, fused_resnaf_forward).
 """
 import torch
 import torch.nn.functional as F
