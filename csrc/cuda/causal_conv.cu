@@ -65,7 +65,7 @@ struct DevIO {
 };
 
 template <class S, bool VEC, bool BWD>
-__global__ void __launch_bounds__(kThreads) _causal_dwconv3d_kernel(const cc::ConvParams p, int64_t total) {
+__global__ void __launch_bounds__(kThreads, 2) _causal_dwconv3d_kernel(const cc::ConvParams p, int64_t total) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (tid >= total) return;
   cc::conv_thread<DevIO<S, VEC>, cc::kV, cc::kPW, BWD>(p, tid);
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) _causal_dwconv3d_kernel(const cc::Co
 // Block (32 channel groups) x (kWY pixel groups): each thread's sums over its rows and frames are added
 // over threadIdx.y in order 0..kWY-1 and stored as the block's partial.
 template <class S, bool VEC>
-__global__ void __launch_bounds__(32 * cc::kWY) _causal_dwconv3d_wgrad_kernel(const cc::WgradParams p, int64_t ncvb,
+__global__ void __launch_bounds__(32 * cc::kWY, 2) _causal_dwconv3d_wgrad_kernel(const cc::WgradParams p, int64_t ncvb,
                                                                               int64_t nwb, int64_t nhb) {
   int64_t blk = blockIdx.x;
   const int64_t cvb = blk % ncvb;
