@@ -324,3 +324,59 @@ def test_mixed_devices_raise():
     x, weight, bias, _ = _inputs((1, 2, 3, 3, 4), torch.float32)
     with pytest.raises(ValueError, match="all inputs must share a device"):
         lk.causal_dwconv3d(x.cuda(), weight.cpu(), bias.cuda())
+
+
+# ------------------------------------------------------------------------- Triton, compiled for a GPU
+_SM90_COMPILE = r'''
+import os, re, subprocess, sys
+import triton
+import triton.backends.nvidia as nv
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from leanvae_kernels.triton import causal_conv as tc
+
+cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+def compile_sm90(fn, types, ce):
+    sig = {n: ("constexpr" if n in ce else types.get(n, "i64")) for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in ce.items()}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    path = os.path.join(sys.argv[1], fn.__name__ + ".cubin")
+    open(path, "wb").write(k.asm["cubin"])
+    out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    print(fn.__name__, *re.search(r"REG:(\d+) STACK:(\d+)", out).groups())
+
+conv = {n: "*bf16" for n in ("src_ptr", "aux_ptr", "out_ptr", "ocache_ptr")}
+conv.update(w_ptr="*fp32", bias_ptr="*fp32", T="i32", H="i32", W="i32", C="i32", G="i32")
+for bwd in (False, True):
+    compile_sm90(tc._causal_dwconv3d_kernel, conv, dict(
+        BWD=bwd, GROUP=False, HAS_AUX=True, HAS_BIAS=not bwd, RESIDUAL=True, HAS_OCACHE=True, BLOCK_W=8, BLOCK_C=32,
+        INTERPRET=False, s_c=1, a_c=1))
+wgrad = dict(x_ptr="*bf16", cache_ptr="*bf16", gy_ptr="*bf16", part_ptr="*fp32", T="i32", H="i32", W="i32", C="i32",
+             G="i32", P="i32")
+compile_sm90(tc._causal_dwconv3d_wgrad_kernel, wgrad, dict(GROUP=True, HAS_CACHE=True, BLOCK_P=16, SUB=64, BLOCK_C=32,
+                                                          x_c=1, c_c=1, g_c=1))
+'''
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90_without_spills(tmp_path):
+    """The compiled (not interpreted) Triton path, built ahead of time for Hopper: it must compile, and keep
+    its registers (no stack: spills would mean local-memory traffic in a memory-bound kernel)."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError as exc:
+        pytest.skip(f"Triton's NVIDIA backend is not installed ({exc})")
+    if not os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")):
+        pytest.skip("Triton's bundled cuobjdump is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SM90_COMPILE, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert len(lines) == 3, out.stdout
+    for name, regs, stack in lines:
+        assert int(regs) <= 255 and int(stack) == 0, f"{name}: {regs} registers, {stack} bytes of stack"

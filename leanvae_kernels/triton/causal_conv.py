@@ -27,9 +27,11 @@ from .._triton import interpreting
 def _tap_valid(t, i, T, G, GROUP: tl.constexpr):
     """Whether output frame t's temporal tap i reads a frame (False: zeros past the end of t's group)."""
     if GROUP:
-        return t - 1 + i < tl.minimum(T, (t // G) * G + G)
+        # int32 division: a 64-bit one is a subroutine call on the GPU (registers spilled around it).
+        start = ((t.to(tl.int32) // G) * G).to(tl.int64)
+        return t - 1 + i < tl.minimum(T, start + G)
     else:
-        return t == t
+        return T >= 0  # always true, as a tensor (t and i may be compile-time constants here)
 
 
 @triton.jit
@@ -125,11 +127,11 @@ def _causal_dwconv3d_kernel(
     H = H.to(tl.int64)
     W = W.to(tl.int64)
     C = C.to(tl.int64)
-    pid = tl.program_id(0).to(tl.int64)
-    n_wb = tl.cdiv(W, BLOCK_W)
-    wb = pid % n_wb
-    h = (pid // n_wb) % H
-    b = pid // n_wb // H
+    pid = tl.program_id(0)  # int32 index arithmetic here: 64-bit division is a subroutine call on the GPU
+    n_wb = tl.cdiv(W, BLOCK_W).to(tl.int32)
+    wb = (pid % n_wb).to(tl.int64)
+    h = ((pid // n_wb) % H.to(tl.int32)).to(tl.int64)
+    b = (pid // n_wb // H.to(tl.int32)).to(tl.int64)
     offs_w = wb * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     mask_c = offs_c < C
@@ -150,36 +152,59 @@ def _causal_dwconv3d_kernel(
     pix_src = h * s_h + offs_w[:, None] * s_w + offs_c[None, :] * s_c
     pix_aux = h * a_h + offs_w[:, None] * a_w + offs_c[None, :] * a_c
 
-    if not BWD:
-        # The cache frames -N..-1 (zeros without a cache), then x's frames (and, in group mode, one step
-        # past the end to complete the last output).
-        for s in tl.static_range(-N, 0):
-            acc0, acc1, acc2 = _conv_step(
-                s, aux_b + (s + N) * a_t, a_h, a_w, a_c, HAS_AUX, acc0, acc1, acc2, init,
-                w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
-                aux_b, pix_aux, a_t, T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
-        s_lo = 0
-        s_hi = T + 2 - OFF
-    else:
-        s_lo = 0
+    # Forward: the cache frames -N..-1 (zeros without a cache), then x's frames (in group mode one step past
+    # the end, to complete the last output). Grad input: grad_y's frames, then OFF steps to complete outputs.
+    if BWD:
+        s_lo = T * 0
         s_hi = T + OFF
+    else:
+        s_lo = T * 0 - N
+        s_hi = T + 2 - OFF
+    if HAS_AUX:
+        aux_ok = T >= 0
+    else:
+        aux_ok = T < 0
+    # One call site for the step (a large function called from several places is not inlined).
     if INTERPRET:
         # Triton 3.6's interpreter cannot take a runtime loop bound with numpy >= 2.4 (int() of a 1-element
         # array); the same step runs under a while loop there.
-        s = s_lo + T * 0  # an int64 tensor
+        s = s_lo
         while s < s_hi:
-            acc0, acc1, acc2 = _conv_step(
-                s, src_b + s * s_t, s_h, s_w, s_c, s < T, acc0, acc1, acc2, init,
-                w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
-                aux_b, pix_aux, a_t, T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
+            acc0, acc1, acc2 = _frame_step(
+                s, acc0, acc1, acc2, init, src_b, aux_b, aux_ok, s_t, s_h, s_w, s_c, a_t, a_h, a_w, a_c,
+                w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
+                T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
             s += 1
     else:
-        for s32 in range(s_lo, s_hi):
-            s = s32.to(tl.int64)
-            acc0, acc1, acc2 = _conv_step(
-                s, src_b + s * s_t, s_h, s_w, s_c, s < T, acc0, acc1, acc2, init,
-                w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
-                aux_b, pix_aux, a_t, T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
+        for s in range(s_lo, s_hi):
+            acc0, acc1, acc2 = _frame_step(
+                s, acc0, acc1, acc2, init, src_b, aux_b, aux_ok, s_t, s_h, s_w, s_c, a_t, a_h, a_w, a_c,
+                w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
+                T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
+
+
+@triton.jit
+def _frame_step(
+    s, acc0, acc1, acc2, init, src_b, aux_b, aux_ok, s_t, s_h, s_w, s_c, a_t, a_h, a_w, a_c,
+    w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
+    T, H, W, C, G, BWD: tl.constexpr, GROUP: tl.constexpr, RESIDUAL: tl.constexpr, HAS_OCACHE: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Step s of the frame walk: frame s is a cache frame (s < 0, forward) or a frame of src."""
+    N: tl.constexpr = 1 if GROUP else 2
+    if BWD:
+        return _conv_step(
+            s, src_b + s * s_t, s_h, s_w, s_c, s < T, acc0, acc1, acc2, init,
+            w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
+            aux_b, pix_aux, a_t, T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
+    else:
+        in_cache = s < 0
+        return _conv_step(
+            s, tl.where(in_cache, aux_b + (s + N) * a_t, src_b + s * s_t), tl.where(in_cache, a_h, s_h),
+            tl.where(in_cache, a_w, s_w), tl.where(in_cache, a_c, s_c), tl.where(in_cache, aux_ok, s < T),
+            acc0, acc1, acc2, init,
+            w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
+            aux_b, pix_aux, a_t, T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
 
 
 @triton.jit
@@ -192,53 +217,60 @@ def _causal_dwconv3d_wgrad_kernel(
     GROUP: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_P: tl.constexpr, SUB: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # part[block, tap, c] = sum over the block's SUB * BLOCK_P positions (b, t, h, w), in order, of gy * (the
-    # frame read through tap (i, j, k)); tap 27: the sum of gy (grad bias).
+    # Program (block, channel block, temporal tap i): part[block, 9i + 3j + k, c] = sum over the block's
+    # SUB * BLOCK_P positions (b, t, h, w), in order, of gy * (the frame read through tap (i, j, k)); the
+    # i = 0 programs also write part[block, 27, c] = sum of gy (grad bias). One temporal tap per program keeps
+    # nine shifted tiles in flight instead of 27.
     OFF: tl.constexpr = 1 if GROUP else 2
     N: tl.constexpr = OFF
+    T32 = T.to(tl.int32)
+    H32 = H.to(tl.int32)
+    W32 = W.to(tl.int32)
     T = T.to(tl.int64)
     H = H.to(tl.int64)
     W = W.to(tl.int64)
     C = C.to(tl.int64)
     blk = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    i = tl.program_id(2)
     mask_c = offs_c < C
-    taps = tl.arange(0, 32)
-    acc = tl.zeros((32, BLOCK_C), tl.float32)
-    for sub in range(SUB):  # a constant trip count (not unrolled: 27 taps per iteration already)
-        p = (blk * SUB + sub) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    rows = tl.arange(0, 16)
+    acc = tl.zeros((16, BLOCK_C), tl.float32)
+    for sub in range(SUB):  # a constant trip count
+        # Positions in int32 (the launcher checks P < 2^31): 64-bit division is a subroutine call on the GPU.
+        p = (blk.to(tl.int32) * SUB + sub) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = p < P
-        w = p % W
-        h = (p // W) % H
-        t = (p // (W * H)) % T
-        b = p // (W * H * T)
+        w = (p % W32).to(tl.int64)
+        h = ((p // W32) % H32).to(tl.int64)
+        t32 = (p // (W32 * H32)) % T32
+        t = t32.to(tl.int64)
+        b = (p // (W32 * H32 * T32)).to(tl.int64)
         g = tl.load(gy_ptr + (b * g_b + t * g_t + h * g_h + w * g_w)[:, None] + offs_c[None, :] * g_c,
                     mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        acc = tl.where(taps[:, None] == 27, acc + tl.sum(g, axis=0)[None, :], acc)
-        for i in tl.static_range(3):
-            s = t - OFF + i
-            if GROUP:
-                ok = mask_p & (s < tl.minimum(T, (t // G) * G + G))
-            else:
-                ok = mask_p
-            in_x = ok & (s >= 0)
-            in_c = ok & (s < 0)
-            for j in tl.static_range(3):
-                hh = h + (j - 1)
-                row_ok = (hh >= 0) & (hh < H)
-                for kk in tl.static_range(3):
-                    ww = w + (kk - 1)
-                    sp_ok = row_ok & (ww >= 0) & (ww < W)
-                    xs = tl.load(x_ptr + (b * x_b + s * x_t + hh * x_h + ww * x_w)[:, None] + offs_c[None, :] * x_c,
-                                 mask=(in_x & sp_ok)[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-                    if HAS_CACHE:
-                        xs += tl.load(cache_ptr + (b * c_b + (s + N) * c_t + hh * c_h + ww * c_w)[:, None]
-                                      + offs_c[None, :] * c_c, mask=(in_c & sp_ok)[:, None] & mask_c[None, :],
-                                      other=0.0).to(tl.float32)
-                    part = tl.sum(g * xs, axis=0)
-                    acc = tl.where(taps[:, None] == (i * 9 + j * 3 + kk), acc + part[None, :], acc)
-    tl.store(part_ptr + blk * 28 * C + taps[:, None] * C + offs_c[None, :], acc,
-             mask=(taps < 28)[:, None] & mask_c[None, :])
+        acc = tl.where(rows[:, None] == 9, acc + tl.sum(g, axis=0)[None, :], acc)
+        s = t - OFF + i
+        if GROUP:
+            ok = mask_p & (s < tl.minimum(T, ((t32 // G) * G + G).to(tl.int64)))
+        else:
+            ok = mask_p
+        in_x = ok & (s >= 0)
+        in_c = ok & (s < 0)
+        for j in tl.static_range(3):
+            hh = h + (j - 1)
+            row_ok = (hh >= 0) & (hh < H)
+            for kk in tl.static_range(3):
+                ww = w + (kk - 1)
+                sp_ok = row_ok & (ww >= 0) & (ww < W)
+                xs = tl.load(x_ptr + (b * x_b + s * x_t + hh * x_h + ww * x_w)[:, None] + offs_c[None, :] * x_c,
+                             mask=(in_x & sp_ok)[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+                if HAS_CACHE:
+                    xs += tl.load(cache_ptr + (b * c_b + (s + N) * c_t + hh * c_h + ww * c_w)[:, None]
+                                  + offs_c[None, :] * c_c, mask=(in_c & sp_ok)[:, None] & mask_c[None, :],
+                                  other=0.0).to(tl.float32)
+                acc = tl.where(rows[:, None] == j * 3 + kk, acc + tl.sum(g * xs, axis=0)[None, :], acc)
+    out = part_ptr + blk * 28 * C + offs_c[None, :]
+    tl.store(out + (i * 9 + rows[:, None]) * C, acc, mask=(rows < 9)[:, None] & mask_c[None, :])
+    tl.store(out + 27 * C + rows[:, None] * 0, acc, mask=(rows == 9)[:, None] & mask_c[None, :] & (i == 0))
 
 
 @triton.jit
@@ -259,10 +291,12 @@ def _sum_partials_kernel(part_ptr, out_ptr, NBLK, M, BLOCK: tl.constexpr, INTERP
 
 
 def _blocks(w, c):
-    """(BLOCK_W, BLOCK_C). The interpreter's cost is per operation, not per element: whole rows there."""
+    """(BLOCK_W, BLOCK_C). The interpreter's cost is per operation, not per element: whole rows there.
+    On GPUs 8 x 32 with 4 warps: compiled for sm_90, the kernels then need 128 (forward) and 161 (grad input)
+    registers without spilling; 16 x 64 needs 244 and spills with strided channels."""
     if interpreting():
         return triton.next_power_of_2(w), triton.next_power_of_2(c)
-    return 16, min(64, triton.next_power_of_2(c))
+    return 8, min(32, triton.next_power_of_2(c))
 
 
 def causal_dwconv3d_fwd(x, cache, w27, bias, residual, group_size):
@@ -280,7 +314,7 @@ def causal_dwconv3d_fwd(x, cache, w27, bias, residual, group_size):
         t, h, w, c, max(group_size, 1),
         *x.stride(), *aux.stride(), *y.stride()[:4], *new_cache.stride()[:4],
         BWD=False, GROUP=group_size > 0, HAS_AUX=cache is not None, HAS_BIAS=bias is not None, RESIDUAL=residual,
-        HAS_OCACHE=True, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(),
+        HAS_OCACHE=True, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), num_warps=4,
     )
     return y, new_cache
 
@@ -299,29 +333,34 @@ def causal_dwconv3d_bwd_input(grad_y, grad_cache, wflip27, has_cache, residual, 
         t, h, w, c, max(group_size, 1),
         *grad_y.stride(), *grad_cache.stride(), *gx.stride()[:4], *gc.stride()[:4],
         BWD=True, GROUP=group_size > 0, HAS_AUX=True, HAS_BIAS=False, RESIDUAL=residual,
-        HAS_OCACHE=has_cache, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(),
+        HAS_OCACHE=has_cache, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), num_warps=4,
     )
     return gx, (gc if has_cache else None)
 
 
-WGRAD_BLOCK_P = 64  # positions per sub-block
-WGRAD_SUB = 16      # sub-blocks per partial (fewer when the call has fewer positions)
+# Positions per partial sum of the weight grad: WGRAD_SUB sub-blocks of BLOCK_P (fewer for small calls).
+# On GPUs 16 positions x 32 channels with 4 warps: compiled for sm_90 that needs 186 registers and does not
+# spill (64 x 32 does, heavily: nine tiles of 64-bit addresses in flight).
+WGRAD_POSITIONS = 1024
 
 
 def causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size):
     """(grad weight (27, C), grad bias (C,)) in float32, from fixed partial blocks summed in block order."""
     b, t, h, w, c = x.shape
     positions = b * t * h * w
-    sub = min(WGRAD_SUB, triton.cdiv(positions, WGRAD_BLOCK_P))
-    nblk = triton.cdiv(positions, WGRAD_BLOCK_P * sub)
-    bc = triton.next_power_of_2(c) if interpreting() else min(32, triton.next_power_of_2(c))
+    if positions >= 2**31:
+        raise ValueError(f"causal_dwconv3d (triton): grad weight supports B*T*H*W < 2^31 positions, got {positions}")
+    block_p, max_bc = (64, 64) if interpreting() else (16, 32)
+    sub = min(WGRAD_POSITIONS // block_p, triton.cdiv(positions, block_p))
+    nblk = triton.cdiv(positions, block_p * sub)
+    bc = min(max_bc, triton.next_power_of_2(c))
     part = torch.empty((nblk, 28, c), dtype=torch.float32, device=x.device)
     aux = cache if cache is not None else x
-    _causal_dwconv3d_wgrad_kernel[(nblk, triton.cdiv(c, bc))](
+    _causal_dwconv3d_wgrad_kernel[(nblk, triton.cdiv(c, bc), 3)](
         x, aux, grad_y, part,
         t, h, w, c, max(group_size, 1), positions,
         *x.stride(), *aux.stride(), *grad_y.stride(),
-        GROUP=group_size > 0, HAS_CACHE=cache is not None, BLOCK_P=WGRAD_BLOCK_P, SUB=sub, BLOCK_C=bc,
+        GROUP=group_size > 0, HAS_CACHE=cache is not None, BLOCK_P=block_p, SUB=sub, BLOCK_C=bc, num_warps=4,
     )
     out = torch.empty((28, c), dtype=torch.float32, device=x.device)
     m = 28 * c
