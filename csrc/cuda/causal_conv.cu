@@ -76,12 +76,8 @@ __global__ void __launch_bounds__(kThreads, 2) _causal_dwconv3d_kernel(const cc:
 template <class S, bool VEC>
 __global__ void __launch_bounds__(32 * cc::kWY, 2) _causal_dwconv3d_wgrad_kernel(const cc::WgradParams p, int64_t ncvb,
                                                                               int64_t nwb, int64_t nhb) {
-  int64_t blk = blockIdx.x;
-  const int64_t cvb = blk % ncvb;
-  blk /= ncvb;
-  const int64_t wb = blk % nwb;
-  blk /= nwb;
-  const int64_t hb = blk % nhb, b = blk / nhb;
+  int64_t cvb, wb, hb, b;
+  cc::split_index(blockIdx.x, ncvb, nwb, nhb, cvb, wb, hb, b);
   const int64_t cv = cvb * 32 + threadIdx.x;
   float acc[28][cc::kV];
   cc::wgrad_thread<DevIO<S, VEC>, cc::kV, cc::kPW>(p, b, hb, wb * cc::kWY + threadIdx.y, cv, acc);

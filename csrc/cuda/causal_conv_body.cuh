@@ -61,9 +61,28 @@ LV_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Output frame t's temporal tap i reads frame t - off + i (off = 2 causal, 1 group); in group mode a tap past
 // the end of t's group (or of the call) reads zeros instead.
+// 32-bit division (the host checks T and G < 2^30): a 64-bit one is a long subroutine on the GPU.
 LV_HD bool tap_valid(int64_t t, int i, int64_t T, int64_t G) {
   if (G == 0) return true;
-  return t - 1 + i < imin(T, (t / G) * G + G);
+  const int32_t start = (static_cast<int32_t>(t) / static_cast<int32_t>(G)) * static_cast<int32_t>(G);
+  return t - 1 + i < imin(T, static_cast<int64_t>(start) + G);
+}
+
+// tid = ((i3 * n2 + i2) * n1 + i1) * n0 + i0, in 32-bit arithmetic when everything fits.
+LV_HD void split_index(int64_t tid, int64_t n0, int64_t n1, int64_t n2, int64_t& i0, int64_t& i1, int64_t& i2,
+                       int64_t& i3) {
+  if (tid < (int64_t(1) << 31) && n0 < (int64_t(1) << 31) && n1 < (int64_t(1) << 31) && n2 < (int64_t(1) << 31)) {
+    uint32_t r = static_cast<uint32_t>(tid);
+    const uint32_t m0 = static_cast<uint32_t>(n0), m1 = static_cast<uint32_t>(n1), m2 = static_cast<uint32_t>(n2);
+    i0 = r % m0, r /= m0;
+    i1 = r % m1, r /= m1;
+    i2 = r % m2, i3 = r / m2;
+  } else {
+    int64_t r = tid;
+    i0 = r % n0, r /= n0;
+    i1 = r % n1, r /= n1;
+    i2 = r % n2, i3 = r / n2;
+  }
 }
 
 // Loads row hh of `frame` (null: zeros) at pixels w0-1 .. w0+PW, channels c0 .. c0+cn-1, as float.
@@ -91,12 +110,8 @@ template <class IO, int V, int PW, bool BWD>
 LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
   using S = typename IO::storage;
   const int64_t ncv = (p.C + V - 1) / V, nwg = (p.W + PW - 1) / PW;
-  int64_t r = tid;
-  const int64_t cv = r % ncv;
-  r /= ncv;
-  const int64_t wg = r % nwg;
-  r /= nwg;
-  const int64_t h = r % p.H, b = r / p.H;
+  int64_t cv, wg, h, b;
+  split_index(tid, ncv, nwg, p.H, cv, wg, h, b);
   if (b >= p.B) return;
   const int64_t c0 = cv * V, w0 = wg * PW, T = p.T;
   const int cn = static_cast<int>(imin(V, p.C - c0));
@@ -316,6 +331,8 @@ inline ConvParams make_conv_params(const KernelArgs& a, bool bwd) {
   ConvParams p;
   p.B = src.size(0), p.T = src.size(1), p.H = src.size(2), p.W = src.size(3), p.C = src.size(4);
   p.G = a.i(bwd ? 2 : 3);
+  if (p.T >= (int64_t(1) << 30) || p.G >= (int64_t(1) << 30))
+    throw std::invalid_argument(a.name + ": frames and group size must be < 2^30");
   p.src = frames_of(src);
   p.aux = frames_of(a.t(1), bwd || a.i(0) != 0);
   p.w27 = a.t(2).ptr<const float>();
@@ -350,6 +367,8 @@ inline WgradParams make_wgrad_params(const KernelArgs& a, int64_t* n_parts) {
   WgradParams p;
   p.B = x.size(0), p.T = x.size(1), p.H = x.size(2), p.W = x.size(3), p.C = x.size(4);
   p.G = a.i(1);
+  if (p.T >= (int64_t(1) << 30) || p.G >= (int64_t(1) << 30))
+    throw std::invalid_argument(a.name + ": frames and group size must be < 2^30");
   p.x = frames_of(x);
   p.cache = frames_of(a.t(1), a.i(0) != 0);
   p.gy = frames_of(a.t(2));
