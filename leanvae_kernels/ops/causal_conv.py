@@ -112,7 +112,7 @@ def _weights27(weight, flip=False):
 
 
 # Rows x columns of pixels per partial sum of the native weight grads (checked by the kernels).
-_WGRAD_TILE = {"cpu": (4, 32), "cuda": (8, 32)}
+_WGRAD_TILE = {"cpu": (4, 8), "cuda": (8, 32)}
 
 
 def _native_fns(backend, suffix="", tile=None):
