@@ -197,21 +197,32 @@ def test_gradcheck_float64():
                 lambda *a: lk.causal_dwconv3d(*a, residual=residual, group_size=group_size, backend="cpu"), leaves)
 
 
-def test_weight_grad_deterministic_across_thread_counts():
-    x, weight, bias, cache = _inputs((2, 5, 9, 40, 48), torch.float32, cache_frames=2)
-    g = torch.randn_like(x)
-    grads = []
+def test_cpu_multithreaded_matches_reference_and_is_deterministic():
+    """A call large enough for the CPU kernels' parallel path (ragged tiles, several channel blocks): matches the
+    reference, and outputs and every gradient (the weight grad is a reduction) are bitwise equal for 1 and 2
+    threads."""
+    x, weight, bias, cache = _inputs((2, 5, 9, 13, 120), torch.float32, cache_frames=2)
+    assert x.numel() >= 1 << 16
+    g, gc = torch.randn_like(x), torch.randn_like(cache)
+    results = []
     saved = torch.get_num_threads()
     try:
-        for threads in (1, 2, 1):
+        for threads in (2, 1, 2):
             torch.set_num_threads(threads)
             leaves = _leaves(x, weight, bias, cache)
-            lk.causal_dwconv3d(*leaves, backend="cpu")[0].backward(g)
-            grads.append([t.grad for t in leaves])
+            y, c = lk.causal_dwconv3d(*leaves, residual=True, backend="cpu")
+            torch.autograd.backward([y, c], [g, gc])
+            results.append([y.detach(), c] + [t.grad for t in leaves])
     finally:
         torch.set_num_threads(saved)
-    for other in grads[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    y_ref, c_ref = causal_dwconv3d_reference(x, weight, bias, cache, True)
+    expected = vjp(lambda *a: causal_dwconv3d_reference(*a, True), (x, weight, bias, cache), (g, gc))
+    assert_close(results[0][0], y_ref)
+    assert torch.equal(results[0][1], c_ref)
+    for got, exp in zip(results[0][2:], expected):
+        assert_close(got, exp)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
