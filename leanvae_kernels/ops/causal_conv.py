@@ -13,13 +13,23 @@ Contract (../shared/DESIGN.md):
         tap after a group's last frame reads zeros. new_cache = the call's last frame (B, 1, H, W, C).
     residual=True returns y + x (the model's ResNAF adds it).
 Chunked calls that pass the returned cache equal one full call exactly (chunks of whole groups in
-group mode).
+group mode): every backend accumulates an output in the same order (bias, then taps (i, j, k)) whether a
+tap reads the cache or x. The weight/bias gradients are reductions over B*T*H*W done as fixed blocks of
+partial sums added in a fixed order: deterministic, independent of the thread count.
+
+Chain of names (CRAFT.md): kernels `_causal_dwconv3d_kernel` / `_causal_dwconv3d_wgrad_kernel` (Triton,
+CUDA; CUDA per-thread bodies `conv_thread` / `wgrad_thread` in csrc/cuda/causal_conv_body.cuh) and
+`conv_frames` / `conv_weight_grad` (csrc/cpu/causal_conv.cpp) -> native kernels "causal_dwconv3d_fwd",
+"causal_dwconv3d_bwd_input", "causal_dwconv3d_bwd_weight" / Triton launchers of the same names ->
+`torch.ops.leanvae.causal_dwconv3d` (+ `causal_dwconv3d_backward`) -> `causal_dwconv3d()` below ->
+`leanvae_kernels.nn.peg3d` (FusedPEG3D, fused_peg3d_forward, fused_naf_forward, fused_resnaf_forward).
 """
 import torch
 import torch.nn.functional as F
 
+from .. import _native
 from .._backend import OpBackends, resolve
-from ._common import ALL_DTYPES, acc_dtype, check_same_device, check_same_dtype, check_tensor, describe, vjp
+from ._common import ALL_DTYPES, GPU_DTYPES, acc_dtype, check_same_device, check_same_dtype, check_tensor, describe, vjp
 
 
 def _cache_frames(group_size):
@@ -69,6 +79,8 @@ def _check(x, weight, bias, cache, residual, group_size):
         raise ValueError(f"{op}: weight must be (C, 1, 3, 3, 3) = ({c}, 1, 3, 3, 3) for x with C={c}, got {describe(weight)}")
     if bias is not None and tuple(bias.shape) != (c,):
         raise ValueError(f"{op}: bias must be (C,) = ({c},), got {describe(bias)}")
+    if not isinstance(residual, bool):
+        raise TypeError(f"{op}: residual must be a bool, got {residual!r}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 0:
         raise ValueError(f"{op}: group_size must be an int >= 0 (0: causal mode), got {group_size!r}")
     n_cache = _cache_frames(group_size)
@@ -88,6 +100,90 @@ def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
 
     gx, gw, gb, gc = vjp(f, (x, weight, bias, cache), (grad_y, grad_cache))
     return gx, gw, gb, gc
+
+
+def _weights27(weight, flip=False):
+    """(C, 1, 3, 3, 3) -> (27, C) in the accumulation dtype, tap (i, j, k) major, so a kernel reads a tap's
+    channels contiguously. flip: spatial taps mirrored (j, k -> 2-j, 2-k), the adjoint's weights."""
+    w = weight.reshape(weight.shape[0], 3, 3, 3)
+    if flip:
+        w = w.flip(2, 3)
+    return w.reshape(weight.shape[0], 27).t().to(acc_dtype(weight.dtype)).contiguous()
+
+
+# Rows x columns of pixels per partial sum of the native weight grads (checked by the kernels).
+_WGRAD_TILE = {"cpu": (4, 8), "cuda": (8, 32)}
+
+
+def _native_fns(backend, suffix="", tile=None):
+    """(forward, backward) implementations calling the native kernels "causal_dwconv3d_*{suffix}" of `backend`.
+
+    Kernels read x, cache and the gradients with their strides (no copy); outputs are contiguous.
+    """
+    rows, cols = _WGRAD_TILE[tile or backend]
+
+    def forward(x, weight, bias, cache, residual, group_size):
+        b, t, h, w, c = x.shape
+        w27 = _weights27(weight)
+        bias27 = bias.to(w27.dtype).contiguous() if bias is not None else w27
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        new_cache = torch.empty((b, _cache_frames(group_size), h, w, c), dtype=x.dtype, device=x.device)
+        _native.run(backend, "causal_dwconv3d_fwd" + suffix, [x, cache if cache is not None else x, w27, bias27, y,
+                                                              new_cache],
+                    ints=[cache is not None, bias is not None, residual, group_size])
+        return y, new_cache
+
+    def backward(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
+        b, t, h, w, c = x.shape
+        grad_y, grad_cache = grad_y.to(x.dtype), grad_cache.to(x.dtype)
+        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        gc = torch.empty(cache.shape, dtype=x.dtype, device=x.device) if cache is not None else None
+        _native.run(backend, "causal_dwconv3d_bwd_input" + suffix,
+                    [grad_y, grad_cache, _weights27(weight, flip=True), gx, gc if gc is not None else gx],
+                    ints=[cache is not None, residual, group_size])
+        acc = acc_dtype(x.dtype)
+        gw27 = torch.empty((27, c), dtype=acc, device=x.device)
+        gb = torch.empty((c,), dtype=acc, device=x.device)
+        part = torch.empty((b * -(-h // rows) * -(-w // cols), 28, c), dtype=acc, device=x.device)
+        _native.run(backend, "causal_dwconv3d_bwd_weight" + suffix,
+                    [x, cache if cache is not None else x, grad_y, gw27, gb, part],
+                    ints=[cache is not None, group_size, rows, cols])
+        gw = gw27.t().contiguous().reshape(weight.shape).to(weight.dtype)
+        return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
+
+    return forward, backward
+
+
+for _backend, _dtypes in (("cpu", ALL_DTYPES), ("cuda", GPU_DTYPES)):
+    _f, _b = _native_fns(_backend)
+    fwd.register(_backend, _dtypes)(_f)
+    bwd.register(_backend, _dtypes)(_b)
+
+# Tests only: the CUDA kernels' per-thread bodies compiled for the host and run on CPU tensors.
+cuda_emulation = _native_fns("cpu", "_cudaemu", tile="cuda")
+
+
+def _bias32(bias):
+    return bias.float().contiguous() if bias is not None else None
+
+
+@fwd.register("triton", GPU_DTYPES)
+def _(x, weight, bias, cache, residual, group_size):
+    from ..triton.causal_conv import causal_dwconv3d_fwd
+
+    return causal_dwconv3d_fwd(x, cache, _weights27(weight), _bias32(bias), residual, group_size)
+
+
+@bwd.register("triton", GPU_DTYPES)
+def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
+    from ..triton.causal_conv import causal_dwconv3d_bwd_input, causal_dwconv3d_bwd_weight
+
+    grad_y, grad_cache = grad_y.to(x.dtype), grad_cache.to(x.dtype)
+    gx, gc = causal_dwconv3d_bwd_input(grad_y, grad_cache, _weights27(weight, flip=True), cache is not None,
+                                       residual, group_size)
+    gw27, gb = causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size)
+    gw = gw27.t().contiguous().reshape(weight.shape).to(weight.dtype)
+    return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
 
 
 @torch.library.custom_op("leanvae::causal_dwconv3d", mutates_args=())

@@ -1,0 +1,111 @@
+// Test support: the CUDA causal conv's per-thread bodies (csrc/cuda/causal_conv_body.cuh) compiled for the
+// host and run thread by thread on the CPU, with the same arguments as the CUDA kernels. Registered as
+// "<kernel>_cudaemu" in the CPU module; used only by the test suite, so that the index logic of the CUDA
+// kernels (launched on machines without a GPU nowhere else) is checked against the reference everywhere.
+// Not a fast path: plain loops, one emulated thread at a time per OpenMP worker.
+#include <omp.h>
+
+#include <vector>
+
+#include "cpu_common.h"
+#include "cuda/causal_conv_body.cuh"
+
+namespace leanvae {
+namespace cpu {
+namespace {
+
+namespace cc = ::leanvae::causal_conv;
+
+template <class S>
+struct HostIO {
+  using storage = S;
+  template <int V>
+  static void load(const S* p, int64_t sc, int cn, float* f) {
+    for (int v = 0; v < V; ++v) f[v] = v < cn ? to_float(p[v * sc]) : 0.f;
+  }
+  template <int V>
+  static void store(S* p, int cn, const float* f) {
+    for (int v = 0; v < V; ++v)
+      if (v < cn) p[v] = from_float<S>(f[v]);
+  }
+  template <int V>
+  static void copy(S* d, const S* s, int64_t sc, int cn) {
+    for (int v = 0; v < V; ++v)
+      if (v < cn) d[v] = s != nullptr ? s[v * sc] : from_float<S>(0.f);
+  }
+};
+
+template <class F>
+void dispatch_gpu_float(int dtype, const std::string& name, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat16: f(Half{}); break;
+    case kBFloat16: f(BFloat16{}); break;
+    default: throw std::invalid_argument(name + ": the cuda kernels do not support dtype " + dtype_name(dtype));
+  }
+}
+
+template <bool BWD>
+void emulate_conv(const KernelArgs& a) {
+  const cc::ConvParams p = cc::make_conv_params(a, BWD);
+  const int64_t total = p.B * p.H * ((p.W + cc::kPW - 1) / cc::kPW) * ((p.C + cc::kV - 1) / cc::kV);
+  dispatch_gpu_float(a.t(0).dtype, a.name, [&](auto tag) {
+    using S = decltype(tag);
+#pragma omp parallel for num_threads(a.num_threads) schedule(static)
+    for (int64_t tid = 0; tid < total; ++tid) cc::conv_thread<HostIO<S>, cc::kV, cc::kPW, BWD>(p, tid);
+  });
+}
+
+void fwd_emu(const KernelArgs& a) { emulate_conv<false>(a); }
+void bwd_input_emu(const KernelArgs& a) { emulate_conv<true>(a); }
+
+// The CUDA grad-weight kernel's blocks: 32 channel groups x kWY pixel groups, per-thread sums added over
+// the pixel groups in order, then the partials summed in partial order.
+void bwd_weight_emu(const KernelArgs& a) {
+  int64_t n_parts = 0;
+  const cc::WgradParams p = cc::make_wgrad_params(a, &n_parts);
+  const TensorView &gw = a.t(3), &gb = a.t(4);
+  const int64_t ncvb = ((p.C + cc::kV - 1) / cc::kV + 31) / 32;
+  const int64_t nwb = (p.W + cc::kWY * cc::kPW - 1) / (cc::kWY * cc::kPW), nhb = (p.H + p.rows - 1) / p.rows;
+  dispatch_gpu_float(a.t(0).dtype, a.name, [&](auto tag) {
+    using S = decltype(tag);
+#pragma omp parallel for num_threads(a.num_threads) schedule(static)
+    for (int64_t blk = 0; blk < p.B * nhb * nwb * ncvb; ++blk) {
+      int64_t r = blk;
+      const int64_t cvb = r % ncvb;
+      r /= ncvb;
+      const int64_t wb = r % nwb;
+      r /= nwb;
+      const int64_t hb = r % nhb, b = r / nhb;
+      float* part = p.part + ((b * nhb + hb) * nwb + wb) * 28 * p.C;
+      for (int tx = 0; tx < 32; ++tx) {
+        const int64_t cv = cvb * 32 + tx;
+        float red[28][cc::kV] = {};
+        for (int ty = 0; ty < cc::kWY; ++ty) {
+          float acc[28][cc::kV];
+          cc::wgrad_thread<HostIO<S>, cc::kV, cc::kPW>(p, b, hb, wb * cc::kWY + ty, cv, acc);
+          for (int tap = 0; tap < 28; ++tap)
+            for (int v = 0; v < cc::kV; ++v) red[tap][v] = (ty == 0 ? 0.f : red[tap][v]) + acc[tap][v];
+        }
+        for (int tap = 0; tap < 28; ++tap)
+          for (int v = 0; v < cc::kV; ++v)
+            if (cv * cc::kV + v < p.C) part[tap * p.C + cv * cc::kV + v] = red[tap][v];
+      }
+    }
+  });
+  for (int64_t m = 0; m < 28 * p.C; ++m) {
+    float s = 0.f;
+    for (int64_t k = 0; k < n_parts; ++k) s += p.part[k * 28 * p.C + m];
+    if (m < 27 * p.C) gw.ptr<float>()[m] = s;
+    else gb.ptr<float>()[m - 27 * p.C] = s;
+  }
+}
+
+}  // namespace
+
+LEANVAE_REGISTER_KERNEL("causal_dwconv3d_fwd_cudaemu", fwd_emu);
+LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_input_cudaemu", bwd_input_emu);
+LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_weight_cudaemu", bwd_weight_emu);
+
+}  // namespace cpu
+}  // namespace leanvae

@@ -1,0 +1,368 @@
+"""Triton kernels for the causal depthwise 3x3x3 conv on channels-last tokens (the model's PEG3D).
+
+Contract: leanvae_kernels/ops/causal_conv.py. Temporal structure shared with the C++ kernels: output
+frame t reads frame t - OFF + i through temporal tap i (OFF = 2 causal, 1 group-causal); negative frames
+are the cache (or zeros); in group mode a tap past the end of t's group reads zeros.
+
+`_causal_dwconv3d_kernel` (forward and grad input): one program per (b, h, BLOCK_W columns, BLOCK_C
+channels) walks the source frames once; each frame's 3x3 neighbourhood (shifted loads that hit the cache)
+feeds three rolling accumulators, one per output frame the frame touches, so each input element comes from
+memory about once. Grad input is the same correlation with spatially flipped taps and the temporal map
+reversed.
+
+`_causal_dwconv3d_wgrad_kernel`: fixed blocks of positions -> partial sums per (block, tap, channel),
+summed in block order by `_sum_partials_kernel` (deterministic).
+
+Index arithmetic is int64 throughout (tensors past 2^31 elements; it also keeps Triton's interpreter from
+checking every int32 operation for overflow, which dominates its run time).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._triton import interpreting
+
+
+@triton.jit
+def _tap_valid(t, i, T, G, GROUP: tl.constexpr):
+    """Whether output frame t's temporal tap i reads a frame (False: zeros past the end of t's group)."""
+    if GROUP:
+        # int32 division: a 64-bit one is a subroutine call on the GPU (registers spilled around it).
+        start = ((t.to(tl.int32) // G) * G).to(tl.int64)
+        return t - 1 + i < tl.minimum(T, start + G)
+    else:
+        return T >= 0  # always true, as a tensor (t and i may be compile-time constants here)
+
+
+@triton.jit
+def _conv_step(
+    s, f_ptr, f_h, f_w, f_c, f_ok, acc0, acc1, acc2, init,
+    w_cols, h, offs_w, offs_c, mask, out_ptr, pix_out, o_t, ocache_ptr, pix_q, q_t, res_ptr, pix_res, res_t,
+    gnc_ptr, pix_gnc, gnc_t, T, H, W, C, G,
+    BWD: tl.constexpr, GROUP: tl.constexpr, RESIDUAL: tl.constexpr, HAS_OCACHE: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Frame s (f_ptr: its first element for this batch; f_ok: it exists, else zeros) feeds three slots.
+    # forward (BWD=False): slot k accumulates output s + OFF - 2 + k through tap i = 2 - k; afterwards slot 0
+    #   is complete. The frame is copied to the new cache when s >= T - N.
+    # grad input (BWD=True): the frame is grad_y[s]; slot k accumulates output e = s - OFF + k through tap
+    #   i = k where the forward tap (s, k) is valid; afterwards slot 0 (e = s - OFF) is complete.
+    OFF: tl.constexpr = 1 if GROUP else 2
+    N: tl.constexpr = OFF
+    if BWD:
+        v0 = f_ok & _tap_valid(s, 0, T, G, GROUP)
+        v1 = f_ok & _tap_valid(s, 1, T, G, GROUP)
+        v2 = f_ok & _tap_valid(s, 2, T, G, GROUP)
+    else:
+        v0 = _tap_valid(s + OFF - 2, 2, T, G, GROUP)
+        v1 = _tap_valid(s + OFF - 1, 1, T, G, GROUP)
+        v2 = _tap_valid(s + OFF, 0, T, G, GROUP)
+    c0 = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+    c1 = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+    c2 = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+    cc = offs_c[None, :] * f_c
+    for kk in tl.static_range(3):
+        ww = offs_w + (kk - 1)
+        col = ww[:, None] * f_w + cc
+        col_ok = mask & ((ww >= 0) & (ww < W))[:, None] & f_ok
+        for j in tl.static_range(3):
+            hh = h + (j - 1)
+            xs = tl.load(f_ptr + hh * f_h + col, mask=col_ok & (hh >= 0) & (hh < H), other=0.0)
+            if not BWD:
+                if j == 1:
+                    if kk == 1:
+                        # The new cache holds the last N frames of cat(cache or zeros, x): a bit-exact copy.
+                        q = s - (T - N)
+                        tl.store(ocache_ptr + q * q_t + pix_q, xs, mask=mask & (q >= 0) & (s < T))
+            xf = xs.to(tl.float32)
+            tap = j * 3 + kk
+            if BWD:
+                c0 += tl.load(w_cols + (0 * 9 + tap) * C)[None, :] * xf
+                c1 += tl.load(w_cols + (1 * 9 + tap) * C)[None, :] * xf
+                c2 += tl.load(w_cols + (2 * 9 + tap) * C)[None, :] * xf
+            else:
+                c0 += tl.load(w_cols + (2 * 9 + tap) * C)[None, :] * xf
+                c1 += tl.load(w_cols + (1 * 9 + tap) * C)[None, :] * xf
+                c2 += tl.load(w_cols + (0 * 9 + tap) * C)[None, :] * xf
+    # An invalid tap's contribution is dropped (not multiplied by zero: NaN * 0 is NaN).
+    acc0 = tl.where(v0, acc0 + c0, acc0)
+    acc1 = tl.where(v1, acc1 + c1, acc1)
+    acc2 = tl.where(v2, acc2 + c2, acc2)
+
+    # Slot 0 is complete: output frame o.
+    if BWD:
+        o = s - OFF
+    else:
+        o = s + OFF - 2
+    res = acc0
+    if RESIDUAL:
+        res += tl.load(res_ptr + o * res_t + pix_res, mask=mask & (o >= 0) & (o < T), other=0.0).to(tl.float32)
+    if BWD:
+        qn = o - (T - N)  # the grad of the new cache frame that holds frame o
+        res += tl.load(gnc_ptr + qn * gnc_t + pix_gnc, mask=mask & (qn >= 0) & (o < T), other=0.0).to(tl.float32)
+        if HAS_OCACHE:
+            tl.store(ocache_ptr + (o + N) * q_t + pix_q, res.to(ocache_ptr.dtype.element_ty), mask=mask & (o < 0))
+    tl.store(out_ptr + o * o_t + pix_out, res.to(out_ptr.dtype.element_ty), mask=mask & (o >= 0) & (o < T))
+    return acc1, acc2, init
+
+
+@triton.jit
+def _causal_dwconv3d_kernel(
+    src_ptr, aux_ptr, w_ptr, bias_ptr, out_ptr, ocache_ptr,
+    T, H, W, C, G,
+    s_b, s_t, s_h, s_w, s_c,
+    a_b, a_t, a_h, a_w, a_c,
+    o_b, o_t, o_h, o_w,
+    q_b, q_t, q_h, q_w,
+    BWD: tl.constexpr, GROUP: tl.constexpr, HAS_AUX: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RESIDUAL: tl.constexpr, HAS_OCACHE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # forward (BWD=False): src = x, aux = cache (HAS_AUX), out = y, ocache = new cache (always written).
+    # grad input (BWD=True): src = grad_y, aux = grad of the new cache, out = grad x, ocache = grad cache
+    #   (HAS_OCACHE).
+    OFF: tl.constexpr = 1 if GROUP else 2
+    N: tl.constexpr = OFF
+    T = T.to(tl.int64)
+    H = H.to(tl.int64)
+    W = W.to(tl.int64)
+    C = C.to(tl.int64)
+    pid = tl.program_id(0)  # int32 index arithmetic here: 64-bit division is a subroutine call on the GPU
+    n_wb = tl.cdiv(W, BLOCK_W).to(tl.int32)
+    wb = (pid % n_wb).to(tl.int64)
+    h = ((pid // n_wb) % H.to(tl.int32)).to(tl.int64)
+    b = (pid // n_wb // H.to(tl.int32)).to(tl.int64)
+    offs_w = wb * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    mask_c = offs_c < C
+    mask = (offs_w < W)[:, None] & mask_c[None, :]
+    w_cols = w_ptr + tl.where(mask_c, offs_c, 0)  # weights (27, C); masked channels read channel 0
+    init = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+    if HAS_BIAS:
+        init += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+    acc0 = init
+    acc1 = init
+    acc2 = init
+    src_b = src_ptr + b * s_b
+    aux_b = aux_ptr + b * a_b
+    out_b = out_ptr + b * o_b
+    pix_out = h * o_h + offs_w[:, None] * o_w + offs_c[None, :]
+    pix_q = h * q_h + offs_w[:, None] * q_w + offs_c[None, :]
+    ocache_b = ocache_ptr + b * q_b
+    pix_src = h * s_h + offs_w[:, None] * s_w + offs_c[None, :] * s_c
+    pix_aux = h * a_h + offs_w[:, None] * a_w + offs_c[None, :] * a_c
+
+    # Forward: the cache frames -N..-1 (zeros without a cache), then x's frames (in group mode one step past
+    # the end, to complete the last output). Grad input: grad_y's frames, then OFF steps to complete outputs.
+    if BWD:
+        s_lo = T * 0
+        s_hi = T + OFF
+    else:
+        s_lo = T * 0 - N
+        s_hi = T + 2 - OFF
+    if HAS_AUX:
+        aux_ok = T >= 0
+    else:
+        aux_ok = T < 0
+    # One call site for the step (a large function called from several places is not inlined).
+    if INTERPRET:
+        # Triton 3.6's interpreter cannot take a runtime loop bound with numpy >= 2.4 (int() of a 1-element
+        # array); the same step runs under a while loop there.
+        s = s_lo
+        while s < s_hi:
+            acc0, acc1, acc2 = _frame_step(
+                s, acc0, acc1, acc2, init, src_b, aux_b, aux_ok, s_t, s_h, s_w, s_c, a_t, a_h, a_w, a_c,
+                w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
+                T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
+            s += 1
+    else:
+        for s in range(s_lo, s_hi):
+            acc0, acc1, acc2 = _frame_step(
+                s, acc0, acc1, acc2, init, src_b, aux_b, aux_ok, s_t, s_h, s_w, s_c, a_t, a_h, a_w, a_c,
+                w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
+                T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
+
+
+@triton.jit
+def _frame_step(
+    s, acc0, acc1, acc2, init, src_b, aux_b, aux_ok, s_t, s_h, s_w, s_c, a_t, a_h, a_w, a_c,
+    w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
+    T, H, W, C, G, BWD: tl.constexpr, GROUP: tl.constexpr, RESIDUAL: tl.constexpr, HAS_OCACHE: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Step s of the frame walk: frame s is a cache frame (s < 0, forward) or a frame of src."""
+    N: tl.constexpr = 1 if GROUP else 2
+    if BWD:
+        return _conv_step(
+            s, src_b + s * s_t, s_h, s_w, s_c, s < T, acc0, acc1, acc2, init,
+            w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
+            aux_b, pix_aux, a_t, T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
+    else:
+        in_cache = s < 0
+        return _conv_step(
+            s, tl.where(in_cache, aux_b + (s + N) * a_t, src_b + s * s_t), tl.where(in_cache, a_h, s_h),
+            tl.where(in_cache, a_w, s_w), tl.where(in_cache, a_c, s_c), tl.where(in_cache, aux_ok, s < T),
+            acc0, acc1, acc2, init,
+            w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
+            aux_b, pix_aux, a_t, T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
+
+
+@triton.jit
+def _causal_dwconv3d_wgrad_kernel(
+    x_ptr, cache_ptr, gy_ptr, part_ptr,
+    T, H, W, C, G, P,
+    x_b, x_t, x_h, x_w, x_c,
+    c_b, c_t, c_h, c_w, c_c,
+    g_b, g_t, g_h, g_w, g_c,
+    GROUP: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_P: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Program (block, channel block, temporal tap i): part[block, 9i + 3j + k, c] = sum over the block's
+    # SUB * BLOCK_P positions (b, t, h, w), in order, of gy * (the frame read through tap (i, j, k)); the
+    # i = 0 programs also write part[block, 27, c] = sum of gy (grad bias). One temporal tap per program keeps
+    # nine shifted tiles in flight instead of 27.
+    OFF: tl.constexpr = 1 if GROUP else 2
+    N: tl.constexpr = OFF
+    T32 = T.to(tl.int32)
+    H32 = H.to(tl.int32)
+    W32 = W.to(tl.int32)
+    T = T.to(tl.int64)
+    H = H.to(tl.int64)
+    W = W.to(tl.int64)
+    C = C.to(tl.int64)
+    blk = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    i = tl.program_id(2)
+    mask_c = offs_c < C
+    rows = tl.arange(0, 16)
+    acc = tl.zeros((16, BLOCK_C), tl.float32)
+    for sub in range(SUB):  # a constant trip count
+        # Positions in int32 (the launcher checks P < 2^31): 64-bit division is a subroutine call on the GPU.
+        p = (blk.to(tl.int32) * SUB + sub) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = p < P
+        w = (p % W32).to(tl.int64)
+        h = ((p // W32) % H32).to(tl.int64)
+        t32 = (p // (W32 * H32)) % T32
+        t = t32.to(tl.int64)
+        b = (p // (W32 * H32 * T32)).to(tl.int64)
+        g = tl.load(gy_ptr + (b * g_b + t * g_t + h * g_h + w * g_w)[:, None] + offs_c[None, :] * g_c,
+                    mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        acc = tl.where(rows[:, None] == 9, acc + tl.sum(g, axis=0)[None, :], acc)
+        s = t - OFF + i
+        if GROUP:
+            ok = mask_p & (s < tl.minimum(T, ((t32 // G) * G + G).to(tl.int64)))
+        else:
+            ok = mask_p
+        in_x = ok & (s >= 0)
+        in_c = ok & (s < 0)
+        for j in tl.static_range(3):
+            hh = h + (j - 1)
+            row_ok = (hh >= 0) & (hh < H)
+            for kk in tl.static_range(3):
+                ww = w + (kk - 1)
+                sp_ok = row_ok & (ww >= 0) & (ww < W)
+                xs = tl.load(x_ptr + (b * x_b + s * x_t + hh * x_h + ww * x_w)[:, None] + offs_c[None, :] * x_c,
+                             mask=(in_x & sp_ok)[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+                if HAS_CACHE:
+                    xs += tl.load(cache_ptr + (b * c_b + (s + N) * c_t + hh * c_h + ww * c_w)[:, None]
+                                  + offs_c[None, :] * c_c, mask=(in_c & sp_ok)[:, None] & mask_c[None, :],
+                                  other=0.0).to(tl.float32)
+                acc = tl.where(rows[:, None] == j * 3 + kk, acc + tl.sum(g * xs, axis=0)[None, :], acc)
+    out = part_ptr + blk * 28 * C + offs_c[None, :]
+    tl.store(out + (i * 9 + rows[:, None]) * C, acc, mask=(rows < 9)[:, None] & mask_c[None, :])
+    tl.store(out + 27 * C + rows[:, None] * 0, acc, mask=(rows == 9)[:, None] & mask_c[None, :] & (i == 0))
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, NBLK, M, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    # out[m] = sum over blocks, in block order, of part[block, m].
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < M
+    acc = tl.zeros((BLOCK,), tl.float32)
+    if INTERPRET:  # see _causal_dwconv3d_kernel
+        k = 0
+        while k < NBLK:
+            acc += tl.load(part_ptr + k * M + offs, mask=mask, other=0.0)
+            k += 1
+    else:
+        for k in range(NBLK):
+            acc += tl.load(part_ptr + k.to(tl.int64) * M + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
+
+
+def _blocks(w, c):
+    """(BLOCK_W, BLOCK_C). The interpreter's cost is per operation, not per element: whole rows there.
+    On GPUs 8 x 32 with 4 warps: compiled for sm_90, the kernels then need 128 (forward) and 161 (grad input)
+    registers without spilling; 16 x 64 needs 244 and spills with strided channels."""
+    if interpreting():
+        return triton.next_power_of_2(w), triton.next_power_of_2(c)
+    return 8, min(32, triton.next_power_of_2(c))
+
+
+def causal_dwconv3d_fwd(x, cache, w27, bias, residual, group_size):
+    """x: (B, T, H, W, C) any strides; cache: (B, N, H, W, C) or None; w27: (27, C) float32; bias: (C,) float32
+    or None. Returns (y, new_cache), contiguous."""
+    b, t, h, w, c = x.shape
+    n = 1 if group_size > 0 else 2
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    new_cache = torch.empty((b, n, h, w, c), dtype=x.dtype, device=x.device)
+    aux = cache if cache is not None else x
+    bw, bc = _blocks(w, c)
+    grid = (b * h * triton.cdiv(w, bw), triton.cdiv(c, bc))
+    _causal_dwconv3d_kernel[grid](
+        x, aux, w27, bias if bias is not None else w27, y, new_cache,
+        t, h, w, c, max(group_size, 1),
+        *x.stride(), *aux.stride(), *y.stride()[:4], *new_cache.stride()[:4],
+        BWD=False, GROUP=group_size > 0, HAS_AUX=cache is not None, HAS_BIAS=bias is not None, RESIDUAL=residual,
+        HAS_OCACHE=True, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), num_warps=4,
+    )
+    return y, new_cache
+
+
+def causal_dwconv3d_bwd_input(grad_y, grad_cache, wflip27, has_cache, residual, group_size):
+    """Grad of x (B, T, H, W, C) and, when has_cache, of the cache (B, N, H, W, C). wflip27: spatially
+    flipped taps (27, C) float32; grad_cache: grad of the new cache (B, N, H, W, C)."""
+    b, t, h, w, c = grad_y.shape
+    n = 1 if group_size > 0 else 2
+    gx = torch.empty(grad_y.shape, dtype=grad_y.dtype, device=grad_y.device)
+    gc = torch.empty((b, n, h, w, c), dtype=grad_y.dtype, device=grad_y.device) if has_cache else gx
+    bw, bc = _blocks(w, c)
+    grid = (b * h * triton.cdiv(w, bw), triton.cdiv(c, bc))
+    _causal_dwconv3d_kernel[grid](
+        grad_y, grad_cache, wflip27, wflip27, gx, gc,
+        t, h, w, c, max(group_size, 1),
+        *grad_y.stride(), *grad_cache.stride(), *gx.stride()[:4], *gc.stride()[:4],
+        BWD=True, GROUP=group_size > 0, HAS_AUX=True, HAS_BIAS=False, RESIDUAL=residual,
+        HAS_OCACHE=has_cache, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), num_warps=4,
+    )
+    return gx, (gc if has_cache else None)
+
+
+# Positions per partial sum of the weight grad: WGRAD_SUB sub-blocks of BLOCK_P (fewer for small calls).
+# On GPUs 16 positions x 32 channels with 4 warps: compiled for sm_90 that needs 186 registers and does not
+# spill (64 x 32 does, heavily: nine tiles of 64-bit addresses in flight).
+WGRAD_POSITIONS = 1024
+
+
+def causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size):
+    """(grad weight (27, C), grad bias (C,)) in float32, from fixed partial blocks summed in block order."""
+    b, t, h, w, c = x.shape
+    positions = b * t * h * w
+    if positions >= 2**31:
+        raise ValueError(f"causal_dwconv3d (triton): grad weight supports B*T*H*W < 2^31 positions, got {positions}")
+    block_p, max_bc = (64, 64) if interpreting() else (16, 32)
+    sub = min(WGRAD_POSITIONS // block_p, triton.cdiv(positions, block_p))
+    nblk = triton.cdiv(positions, block_p * sub)
+    bc = min(max_bc, triton.next_power_of_2(c))
+    part = torch.empty((nblk, 28, c), dtype=torch.float32, device=x.device)
+    aux = cache if cache is not None else x
+    _causal_dwconv3d_wgrad_kernel[(nblk, triton.cdiv(c, bc), 3)](
+        x, aux, grad_y, part,
+        t, h, w, c, max(group_size, 1), positions,
+        *x.stride(), *aux.stride(), *grad_y.stride(),
+        GROUP=group_size > 0, HAS_CACHE=cache is not None, BLOCK_P=block_p, SUB=sub, BLOCK_C=bc, num_warps=4,
+    )
+    out = torch.empty((28, c), dtype=torch.float32, device=x.device)
+    m = 28 * c
+    _sum_partials_kernel[(triton.cdiv(m, 1024),)](part, out, nblk, m, BLOCK=1024, INTERPRET=interpreting())
+    return out[:27], out[27]

@@ -1,0 +1,393 @@
+"""Causal depthwise 3x3x3 conv (the model's PEG3D): parity with the model's module, gradients, cache and
+chunking, group-causal mode, opcheck, compile, bad input, and the CUDA kernels' thread bodies run on the CPU.
+
+Triton kernels run through the interpreter on CPU-only machines (about 50 ms per kernel step there), so
+they get a few small cases; the native CPU kernels get the full matrix.
+"""
+import pytest
+import torch
+from conftest import DEVICE, kernel_backends
+from helpers import DTYPE_IDS, assert_close, case_id, strided
+
+import leanvae_kernels as lk
+from leanvae.modules import PEG3D
+from leanvae_kernels.ops._common import vjp
+from leanvae_kernels.ops.causal_conv import causal_dwconv3d_reference, cuda_emulation
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (B, T, H, W, C): the model's channel counts, odd channel counts and sizes, one frame, a 1x1 frame.
+SHAPES = [(1, 5, 6, 7, 128), (2, 3, 5, 4, 384), (1, 2, 3, 5, 512), (1, 1, 4, 3, 37), (2, 7, 9, 11, 20), (1, 3, 1, 1, 3)]
+INTERPRETED = DEVICE.type == "cpu"
+SMALL_SHAPES = [(1, 3, 3, 5, 128), (1, 1, 2, 3, 37)]
+
+
+def _sid(shape):
+    return case_id(**dict(zip("BTHWC", shape)))
+
+
+def _matrix():
+    """(backend, shape, dtype) cases: everything for compiled backends, a subset for the interpreter."""
+    cases = []
+    for p in kernel_backends():
+        backend = p.values[0]
+        small = backend == "triton" and INTERPRETED
+        for shape in SMALL_SHAPES if small else SHAPES:
+            for dtype in DTYPES:
+                if small and shape != SMALL_SHAPES[0] and dtype == torch.float32:
+                    continue
+                cases.append(pytest.param(backend, shape, dtype, marks=p.marks,
+                                          id=f"{backend}-{_sid(shape)}_{DTYPE_IDS[dtype]}"))
+    return cases
+
+
+def _inputs(shape, dtype, bias=True, cache_frames=0):
+    b, t, h, w, c = shape
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    weight = (torch.randn(c, 1, 3, 3, 3, device=DEVICE) * 0.3).to(dtype)
+    bias_t = torch.randn(c, device=DEVICE).to(dtype) if bias else None
+    cache = torch.randn(b, cache_frames, h, w, c, device=DEVICE).to(dtype) if cache_frames else None
+    return x, weight, bias_t, cache
+
+
+def _peg3d(x, weight, bias, residual, grad):
+    """The model's PEG3D (and x + PEG3D(x)) in float32: (y, grad x, grad weight, grad bias)."""
+    m = PEG3D(x.shape[-1]).to(DEVICE)
+    with torch.no_grad():
+        m.ds_conv.weight.copy_(weight.float())
+        m.ds_conv.bias.copy_(bias.float())
+    xr = x.float().requires_grad_()
+    y = m(xr)
+    if residual:
+        y = xr + y
+    y.backward(grad.float())
+    return y.detach(), xr.grad, m.ds_conv.weight.grad, m.ds_conv.bias.grad
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["peg", "x_plus_peg"])
+@pytest.mark.parametrize("backend, shape, dtype", _matrix())
+def test_parity_with_model_peg3d(backend, shape, dtype, residual):
+    x, weight, bias, _ = _inputs(shape, dtype)
+    g = torch.randn(shape, device=DEVICE).to(dtype)
+    ry, rgx, rgw, rgb = _peg3d(x, weight, bias, residual, g)
+
+    xf, wf, bf = _leaves(x, weight, bias)
+    y, new_cache = lk.causal_dwconv3d(xf, wf, bf, residual=residual, backend=backend)
+    y.backward(g)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+    assert_close(y, ry, dtype)
+    assert_close(xf.grad, rgx, dtype)
+    assert_close(wf.grad, rgw, dtype)
+    assert_close(bf.grad, rgb, dtype)
+    expected_cache = torch.cat([torch.zeros_like(x[:, :2]), x], dim=1)[:, -2:]
+    assert torch.equal(new_cache, expected_cache)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["channel_slice", "transposed", "offset"])
+def test_strided_input_read_in_place(backend, kind):
+    """Strided x (the decoder passes x[..., 128:] of a 512-channel tensor) gives the contiguous result exactly."""
+    shape = (1, 3, 3, 5, 24)
+    x, weight, bias, cache = _inputs(shape, torch.float32, cache_frames=2)
+    if kind == "channel_slice":
+        xs = torch.randn(shape[:-1] + (40,), device=DEVICE)[..., 9:33]
+        xs.copy_(x)
+    else:
+        xs = strided(x, kind)
+    cs = strided(cache, "last")
+    y, c = lk.causal_dwconv3d(x, weight, bias, cache, residual=True, backend=backend)
+    ys, cs_new = lk.causal_dwconv3d(xs, weight, bias, cs, residual=True, backend=backend)
+    assert torch.equal(ys, y) and torch.equal(cs_new, c)
+    ry, _ = causal_dwconv3d_reference(x, weight, bias, cache, residual=True)
+    assert_close(ys, ry)
+
+
+CHUNKINGS = [(0, [1, 2, 1, 3]), (0, [3, 4]), (1, [1, 3, 3]), (2, [2, 4, 2]), (3, [3, 6])]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("group_size, splits", CHUNKINGS, ids=[f"g{g}_{'-'.join(map(str, s))}" for g, s in CHUNKINGS])
+def test_chunked_calls_equal_one_call(backend, group_size, splits):
+    """Chunks (of whole groups in group mode) passing the returned cache reproduce one call bit for bit."""
+    t = sum(splits)
+    x, weight, bias, _ = _inputs((1, t, 2, 3, 24), torch.float32)
+    y_full, cache_full = lk.causal_dwconv3d(x, weight, bias, residual=True, group_size=group_size, backend=backend)
+    ys, cache, start = [], None, 0
+    for n in splits:
+        y, cache = lk.causal_dwconv3d(x[:, start:start + n], weight, bias, cache, residual=True, group_size=group_size,
+                                      backend=backend)
+        ys.append(y)
+        start += n
+    assert torch.equal(torch.cat(ys, dim=1), y_full)
+    assert torch.equal(cache, cache_full)
+    assert torch.equal(cache_full, x[:, -(1 if group_size else 2):])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=lambda d: DTYPE_IDS[d])
+def test_chunked_calls_equal_one_call_cpu_dtypes(dtype):
+    x, weight, bias, _ = _inputs((2, 6, 5, 37, 19), dtype)
+    y_full, cache_full = lk.causal_dwconv3d(x, weight, bias, backend="cpu")
+    y1, c1 = lk.causal_dwconv3d(x[:, :1], weight, bias, backend="cpu")
+    y2, c2 = lk.causal_dwconv3d(x[:, 1:2], weight, bias, c1, backend="cpu")
+    y3, c3 = lk.causal_dwconv3d(x[:, 2:], weight, bias, c2, backend="cpu")
+    assert torch.equal(torch.cat([y1, y2, y3], 1), y_full) and torch.equal(c3, cache_full)
+
+
+def _check_against_reference(fn, x, weight, bias, cache, residual, group_size, dtype):
+    """fn(x, w, b, cache) -> (y, new_cache) with autograd; compares outputs and every gradient."""
+    y_ref, c_ref = causal_dwconv3d_reference(x, weight, bias, cache, residual, group_size)
+    gy = torch.randn_like(y_ref)
+    gc = torch.randn_like(c_ref)
+    expected = vjp(lambda *a: causal_dwconv3d_reference(*a, residual, group_size), (x, weight, bias, cache), (gy, gc))
+    leaves = _leaves(x, weight, bias, cache)
+    y, c = fn(*leaves)
+    torch.autograd.backward([y, c], [gy, gc])
+    assert_close(y, y_ref, dtype)
+    assert torch.equal(c, c_ref)
+    for name, leaf, exp in zip(("x", "weight", "bias", "cache"), leaves, expected):
+        if leaf is not None:
+            assert_close(leaf.grad, exp, dtype, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("group_size", [1, 2, 3])
+def test_group_causal_parity(backend, group_size):
+    """IV-VAE's group-causal mode (g frames per group, one-frame cache): outputs and all gradients."""
+    x, weight, bias, cache = _inputs((1, 5, 2, 4, 20), torch.float32, cache_frames=1)
+
+    def fn(x_, w_, b_, c_):
+        return lk.causal_dwconv3d(x_, w_, b_, c_, residual=True, group_size=group_size, backend=backend)
+
+    _check_against_reference(fn, x, weight, bias, cache, True, group_size, torch.float32)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_cache_gradients_causal(backend):
+    """Grad into the cache, and into x through the new cache, including a one-frame chunk (T < 2)."""
+    for t in (1, 4):
+        x, weight, bias, cache = _inputs((1, t, 2, 5, 16), torch.float32, cache_frames=2)
+
+        def fn(x_, w_, b_, c_):
+            return lk.causal_dwconv3d(x_, w_, b_, c_, residual=False, backend=backend)
+
+        _check_against_reference(fn, x, weight, bias, cache, False, 0, torch.float32)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_group_end_does_not_read_the_next_group(backend):
+    """A tap past a group's end reads zeros: non-finite values in the next group must not leak into it."""
+    x, weight, bias, _ = _inputs((1, 4, 3, 4, 8), torch.float32)
+    x[:, 2] = float("nan")
+    x[:, 3] = float("inf")
+    y, _ = lk.causal_dwconv3d(x, weight, bias, group_size=2, backend=backend)
+    ref, _ = causal_dwconv3d_reference(x, weight, bias, group_size=2)
+    assert torch.isfinite(y[:, :2]).all()
+    assert_close(y[:, :2], ref[:, :2])
+
+
+def test_gradcheck_float64():
+    for group_size, n in ((0, 2), (2, 1)):
+        x, weight, bias, cache = (t.double() for t in _inputs((1, 3, 3, 4, 5), torch.float32, cache_frames=n))
+        leaves = _leaves(x, weight, bias, cache)
+        for residual in (False, True):
+            assert torch.autograd.gradcheck(
+                lambda *a: lk.causal_dwconv3d(*a, residual=residual, group_size=group_size, backend="cpu"), leaves)
+
+
+def test_cpu_multithreaded_matches_reference_and_is_deterministic():
+    """A call large enough for the CPU kernels' parallel path (ragged tiles, several channel blocks): matches the
+    reference, and outputs and every gradient (the weight grad is a reduction) are bitwise equal for 1 and 2
+    threads."""
+    x, weight, bias, cache = _inputs((2, 5, 9, 13, 120), torch.float32, cache_frames=2)
+    assert x.numel() >= 1 << 16
+    g, gc = torch.randn_like(x), torch.randn_like(cache)
+    results = []
+    saved = torch.get_num_threads()
+    try:
+        for threads in (2, 1, 2):
+            torch.set_num_threads(threads)
+            leaves = _leaves(x, weight, bias, cache)
+            y, c = lk.causal_dwconv3d(*leaves, residual=True, backend="cpu")
+            torch.autograd.backward([y, c], [g, gc])
+            results.append([y.detach(), c] + [t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(saved)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    y_ref, c_ref = causal_dwconv3d_reference(x, weight, bias, cache, True)
+    expected = vjp(lambda *a: causal_dwconv3d_reference(*a, True), (x, weight, bias, cache), (g, gc))
+    assert_close(results[0][0], y_ref)
+    assert torch.equal(results[0][1], c_ref)
+    for got, exp in zip(results[0][2:], expected):
+        assert_close(got, exp)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck(backend):
+    for group_size, n, with_bias in ((0, 2, True), (2, 1, False)):
+        x, weight, bias, cache = _inputs((1, 3, 3, 4, 6), torch.float32, bias=with_bias, cache_frames=n)
+        args = (*_leaves(x, weight, bias, cache), True, group_size, backend)
+        torch.library.opcheck(torch.ops.leanvae.causal_dwconv3d.default, args)
+        gy, gc = torch.randn_like(x), torch.randn_like(cache)
+        torch.library.opcheck(torch.ops.leanvae.causal_dwconv3d_backward.default,
+                              (gy, gc, x, weight, bias, cache, True, group_size, backend))
+
+
+def test_compile_fullgraph():
+    x, weight, bias, cache = _inputs((1, 4, 3, 5, 8), torch.float32, cache_frames=2)
+
+    def f(x_, w_, b_, c_):
+        y, new_cache = lk.causal_dwconv3d(x_ * 2, w_, b_, c_, residual=True, backend="cpu")
+        return y.sin().sum() + new_cache.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager_leaves, compiled_leaves = _leaves(x, weight, bias, cache), _leaves(x, weight, bias, cache)
+    out_c, out_e = compiled(*compiled_leaves), f(*eager_leaves)
+    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
+    out_c.backward()
+    out_e.backward()
+    for a, b in zip(compiled_leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- CUDA kernels, on the CPU
+EMU_FWD, EMU_BWD = cuda_emulation
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("group_size", [0, 2, 3])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 9, 20), (1, 1, 3, 5, 37), (1, 4, 1, 13, 512)], ids=_sid)
+def test_cuda_thread_bodies_on_cpu(dtype, group_size, shape):
+    """The CUDA kernels' per-thread code (csrc/cuda/causal_conv_body.cuh), compiled for the host and run
+    thread by thread: outputs, every gradient, the cache, and chunked == full bit for bit."""
+    n = 1 if group_size else 2
+    x, weight, bias, cache = _inputs(shape, dtype, cache_frames=n)
+    xs = torch.empty(shape[:-1] + (shape[-1] + 3,), dtype=dtype)[..., 1:-2]  # strided: the scalar-load path
+    xs.copy_(x)
+    for residual in (False, True):
+        y, c = EMU_FWD(xs, weight, bias, cache, residual, group_size)
+        y_ref, c_ref = causal_dwconv3d_reference(x, weight, bias, cache, residual, group_size)
+        assert_close(y, y_ref, dtype)
+        assert torch.equal(c, c_ref)
+        gy, gc = torch.randn_like(y), torch.randn_like(c)
+        got = EMU_BWD(gy, gc, xs, weight, bias, cache, residual, group_size)
+        exp = vjp(lambda *a: causal_dwconv3d_reference(*a, residual, group_size), (x, weight, bias, cache), (gy, gc))
+        for name, a, e in zip(("x", "weight", "bias", "cache"), got, exp):
+            assert_close(a, e, dtype, msg=f"grad of {name}")
+    # Chunked (whole groups) == one call, bit for bit; without a cache and without a bias.
+    g = max(group_size, 1)
+    cut = g * ((shape[1] // g) // 2) or shape[1]
+    y_full, c_full = EMU_FWD(x, weight, None, None, True, group_size)
+    y1, c1 = EMU_FWD(x[:, :cut], weight, None, None, True, group_size)
+    if cut < shape[1]:
+        y2, c2 = EMU_FWD(x[:, cut:], weight, None, c1, True, group_size)
+        y1, c1 = torch.cat([y1, y2], 1), c2
+    assert torch.equal(y1, y_full) and torch.equal(c1, c_full)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def _bad_cases():
+    x = torch.randn(1, 3, 4, 5, 6)
+    w = torch.randn(6, 1, 3, 3, 3)
+    b = torch.randn(6)
+    c2 = torch.randn(1, 2, 4, 5, 6)
+    return [
+        ((x[0], w, b, None), {}, ValueError, "x must be a 5-D tensor"),
+        ((x, w[:5], b, None), {}, ValueError, r"weight must be \(C, 1, 3, 3, 3\)"),
+        ((x, w.reshape(6, 27), b, None), {}, ValueError, "weight must be a 5-D tensor"),
+        ((x, w, b[:5], None), {}, ValueError, r"bias must be \(C,\)"),
+        ((x, w, b, c2[:, :1]), {}, ValueError, r"cache must be \(B, 2, H, W, C\)"),
+        ((x, w, b, c2), {"group_size": 2}, ValueError, r"cache must be \(B, 1, H, W, C\)"),
+        ((x, w, b, c2[..., :5]), {}, ValueError, "cache must be"),
+        ((x, w.double(), b, None), {}, TypeError, "weight has dtype torch.float64 but x has dtype torch.float32"),
+        ((x.int(), w, b, None), {}, TypeError, "x must have dtype"),
+        ((x, w, 3.0, None), {}, TypeError, "bias must be a torch.Tensor"),
+        ((x[:, :0], w, b, None), {}, ValueError, "x must not be empty"),
+        ((x, w, b, None), {"group_size": -1}, ValueError, "group_size must be an int >= 0"),
+        ((x, w, b, None), {"group_size": 1.5}, ValueError, "group_size must be an int >= 0"),
+        ((x, w, b, None), {"residual": 1}, TypeError, "residual must be a bool"),
+        ((x, w, b, None), {"backend": "fast"}, ValueError, "backend must be one of"),
+    ]
+
+
+BAD_IDS = ["x_4d", "weight_channels", "weight_2d", "bias_channels", "cache_frames", "group_cache_frames",
+           "cache_channels", "weight_dtype", "x_int", "bias_float", "x_empty", "group_negative", "group_float",
+           "residual_int", "backend_name"]
+
+
+@pytest.mark.parametrize("args, kwargs, err, match", _bad_cases(), ids=BAD_IDS)
+def test_bad_input(args, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        lk.causal_dwconv3d(*args, **kwargs)
+
+
+def test_explicit_unavailable_backend_raises():
+    x, weight, bias, _ = _inputs((1, 2, 3, 3, 4), torch.float32)
+    with pytest.raises(lk.BackendUnavailable, match="cuda backend runs on CUDA tensors"):
+        lk.causal_dwconv3d(x.cpu(), weight.cpu(), bias.cpu(), backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (mixed-device input)")
+def test_mixed_devices_raise():
+    x, weight, bias, _ = _inputs((1, 2, 3, 3, 4), torch.float32)
+    with pytest.raises(ValueError, match="all inputs must share a device"):
+        lk.causal_dwconv3d(x.cuda(), weight.cpu(), bias.cuda())
+
+
+# ------------------------------------------------------------------------- Triton, compiled for a GPU
+_SM90_COMPILE = r'''
+import os, re, subprocess, sys
+import triton
+import triton.backends.nvidia as nv
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from leanvae_kernels.triton import causal_conv as tc
+
+cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+def compile_sm90(fn, types, ce):
+    sig = {n: ("constexpr" if n in ce else types.get(n, "i64")) for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in ce.items()}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    path = os.path.join(sys.argv[1], fn.__name__ + ".cubin")
+    open(path, "wb").write(k.asm["cubin"])
+    out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    print(fn.__name__, *re.search(r"REG:(\d+) STACK:(\d+)", out).groups())
+
+conv = {n: "*bf16" for n in ("src_ptr", "aux_ptr", "out_ptr", "ocache_ptr")}
+conv.update(w_ptr="*fp32", bias_ptr="*fp32", T="i32", H="i32", W="i32", C="i32", G="i32")
+for bwd in (False, True):
+    compile_sm90(tc._causal_dwconv3d_kernel, conv, dict(
+        BWD=bwd, GROUP=False, HAS_AUX=True, HAS_BIAS=not bwd, RESIDUAL=True, HAS_OCACHE=True, BLOCK_W=8, BLOCK_C=32,
+        INTERPRET=False, s_c=1, a_c=1))
+wgrad = dict(x_ptr="*bf16", cache_ptr="*bf16", gy_ptr="*bf16", part_ptr="*fp32", T="i32", H="i32", W="i32", C="i32",
+             G="i32", P="i32")
+compile_sm90(tc._causal_dwconv3d_wgrad_kernel, wgrad, dict(GROUP=True, HAS_CACHE=True, BLOCK_P=16, SUB=64, BLOCK_C=32,
+                                                          x_c=1, c_c=1, g_c=1))
+'''
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90_without_spills(tmp_path):
+    """The compiled (not interpreted) Triton path, built ahead of time for Hopper: it must compile, and keep
+    its registers (no stack: spills would mean local-memory traffic in a memory-bound kernel)."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError as exc:
+        pytest.skip(f"Triton's NVIDIA backend is not installed ({exc})")
+    if not os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")):
+        pytest.skip("Triton's bundled cuobjdump is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SM90_COMPILE, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert len(lines) == 3, out.stdout
+    for name, regs, stack in lines:
+        assert int(regs) <= 255 and int(stack) == 0, f"{name}: {regs} registers, {stack} bytes of stack"
