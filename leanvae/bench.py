@@ -4,6 +4,7 @@ Builds the published configuration with seeded random weights, runs each variant
 optionally torch.compile of each), checks that fused and reference agree, and reports time, peak memory
 and error. Used by `python -m leanvae bench` and by the end-to-end benchmark suite.
 """
+import copy
 import math
 import os
 import statistics
@@ -15,10 +16,13 @@ import torch
 
 from .model import LeanVAE
 
-# Agreement required of the fused model against the reference (issue #6): float32 max relative error,
-# reduced precision relative RMS error.
+# Agreement required of the fused model. float32: max relative error against the reference (issue #6).
+# float16/bfloat16: judged against the float32 model (DESIGN.md): the fused path's relative RMS error must
+# be no larger than LOW_SLACK times the reference's own low-precision error (+ LOW_ABS). In bfloat16 the
+# reference itself is about 1% RMS from float32, so fused-vs-reference compares two noisy paths; that
+# figure is reported too.
 MAX_REL_FP32 = 1e-4
-RMS_REL_LOW = 1e-2
+LOW_SLACK, LOW_ABS = 1.25, 1e-3
 
 
 def synthetic_clip(frames, height, width, batch=1, device="cpu", dtype=torch.float32, seed=0):
@@ -38,7 +42,10 @@ def synthetic_clip(frames, height, width, batch=1, device="cpu", dtype=torch.flo
 
 def build_model(latent_dim=4, device="cpu", dtype=torch.float32, seed=0):
     """The published configuration with seeded random weights (non-trivial bottleneck thresholds)."""
+    import numpy as np
+
     torch.manual_seed(seed)
+    np.random.seed(seed)  # ISTA draws phi with numpy, as published
     model = LeanVAE.from_config(latent_dim=latent_dim).eval()
     with torch.no_grad():
         for p in model.latent_bottleneck.threshold:
@@ -148,7 +155,9 @@ def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, la
     import leanvae_kernels
     from leanvae_kernels.patching import use_fused_kernels
 
-    model = build_model(latent_dim, device, dtype)
+    low = dtype in (torch.float16, torch.bfloat16)
+    model32 = build_model(latent_dim, device, torch.float32)
+    model = copy.deepcopy(model32).to(dtype) if low else model32
     model.set_tile_inference(tile)
     clip = synthetic_clip(frames, height, width, batch, device, dtype)
     is_image = frames == 1
@@ -195,18 +204,33 @@ def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, la
         handle.revert()
 
     ref = outputs["reference"]
-    low = dtype in (torch.float16, torch.bfloat16)
+    exact = None
+    if low:  # the float32 model on the same inputs, untimed: what low precision is judged against
+        if progress:
+            print("float32 model for the accuracy check ...", file=sys.stderr, flush=True)
+        with torch.no_grad():
+            z32 = model32.encode(x_in.float())
+            exact = {"z": z32, "x": model32.decode(ref["z"].float(), is_image=is_image)}
+        del model32
+        results["reference"]["error_vs_float32"] = {
+            "encode": errors(ref["z"], exact["z"]), "decode": errors(ref["x"], exact["x"])}
     agree = True
     for name in results:
         if name == "reference":
             continue
         e_z, e_x = errors(outputs[name]["z"], ref["z"]), errors(outputs[name]["x"], ref["x"])
         results[name]["error"] = {"encode": e_z, "decode": e_x}
-        if name in ("fused", "compile(fused)"):
-            worst = max(e_z["rms_rel"], e_x["rms_rel"]) if low else max(e_z["max_rel"], e_x["max_rel"])
-            ok = worst < (RMS_REL_LOW if low else MAX_REL_FP32)
-            results[name]["agrees"] = ok
-            agree &= ok
+        if name not in ("fused", "compile(fused)"):
+            continue
+        if low:
+            mine = {"encode": errors(outputs[name]["z"], exact["z"]), "decode": errors(outputs[name]["x"], exact["x"])}
+            results[name]["error_vs_float32"] = mine
+            theirs = results["reference"]["error_vs_float32"]
+            ok = all(mine[p]["rms_rel"] <= LOW_SLACK * theirs[p]["rms_rel"] + LOW_ABS for p in mine)
+        else:
+            ok = max(e_z["max_rel"], e_x["max_rel"]) < MAX_REL_FP32
+        results[name]["agrees"] = ok
+        agree &= ok
     ref_t = results["reference"]["total_seconds"]
     for row in results.values():
         row["speedup_vs_reference"] = ref_t / row["total_seconds"]
@@ -219,7 +243,8 @@ def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, la
         },
         "results": results,
         "agree": agree,
-        "criterion": f"{'rms_rel' if low else 'max_rel'} < {RMS_REL_LOW if low else MAX_REL_FP32}",
+        "criterion": (f"rms error vs the float32 model <= {LOW_SLACK} x the reference's + {LOW_ABS}" if low
+                      else f"max_rel vs reference < {MAX_REL_FP32}"),
     }
 
 
@@ -229,16 +254,25 @@ def format_table(report):
         f"LeanVAE encode+decode: {s['batch']}x{s['frames']}x{s['height']}x{s['width']} {s['dtype']} on {s['device']} "
         f"(latent {s['latent_dim']}, backend {s['backend']}, tile {s['tile']}, median of {s['repeats']})",
         f"{'variant':<20}{'encode s':>10}{'decode s':>10}{'total s':>10}{'speedup':>9}{'enc peak MB':>13}"
-        f"{'dec peak MB':>13}{'max err z':>11}{'max err x':>11}",
+        f"{'dec peak MB':>13}{'err z':>11}{'err x':>11}",
     ]
     for name, r in report["results"].items():
         err = r.get("error")
-        ez = f"{err['encode']['max_rel']:.1e}" if err else "-"
-        ex = f"{err['decode']['max_rel']:.1e}" if err else "-"
+        key = "rms_rel" if s["dtype"] != "float32" else "max_rel"
+        ez = f"{err['encode'][key]:.1e}" if err else "-"
+        ex = f"{err['decode'][key]:.1e}" if err else "-"
         lines.append(
             f"{name:<20}{r['encode']['seconds']:>10.3f}{r['decode']['seconds']:>10.3f}{r['total_seconds']:>10.3f}"
             f"{r['speedup_vs_reference']:>8.2f}x{r['encode']['peak_bytes'] / 2**20:>13.0f}"
             f"{r['decode']['peak_bytes'] / 2**20:>13.0f}{ez:>11}{ex:>11}"
         )
-    lines.append(f"fused agrees with reference ({report['criterion']}, relative): {'yes' if report['agree'] else 'NO'}")
+    if s["dtype"] != "float32":
+        lines.append("err: relative RMS vs the reference; vs the float32 model:")
+        for name, r in report["results"].items():
+            e = r.get("error_vs_float32")
+            if e:
+                lines.append(f"  {name:<18} encode {e['encode']['rms_rel']:.2e}  decode {e['decode']['rms_rel']:.2e}")
+    else:
+        lines.append("err: max relative error vs the reference")
+    lines.append(f"fused agrees ({report['criterion']}): {'yes' if report['agree'] else 'NO'}")
     return "\n".join(lines)

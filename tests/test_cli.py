@@ -32,7 +32,7 @@ def test_bench_tiny_clip_agrees_and_writes_json(tmp_path, capsys):
     assert report["agree"] is True
     assert set(report["results"]) == {"reference", "fused"}
     assert report["results"]["fused"]["error"]["decode"]["max_rel"] < 1e-4
-    assert "fused agrees with reference" in out
+    assert "fused agrees (max_rel vs reference" in out
 
 
 @pytest.mark.parametrize("argv, msg", [

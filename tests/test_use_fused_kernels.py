@@ -85,7 +85,7 @@ def _count(handle, what):
 
 def test_every_group_is_replaced(model):
     with use_fused_kernels(model) as h:
-        assert _count(h, "Patcher.forward") == 1 and _count(h, "UnPatcher.forward") == 1
+        assert _count(h, ": Patcher.forward") == 1 and _count(h, "UnPatcher.forward") == 1
         assert _count(h, "ResNAF.forward") == 6   # encoder and decoder: low, high, fusion
         assert _count(h, "NAF.forward") - _count(h, "ResNAF.forward") == 4  # ISTA: 2 iterations x (forward_l, backward_l)
         assert _count(h, "PEG3D.forward") == 8 + 8 + 8
@@ -125,12 +125,13 @@ def test_class_level_switch_covers_existing_and_future_models(model):
     ref = all_outputs(model, x)
     with use_fused_kernels() as h:
         assert any("leanvae.modules.PEG3D.forward" in r for r in h.replaced)
-        later = make_model()  # built after the switch
+        later = make_model(seed=4)  # built after the switch
         fused_existing, fused_later = all_outputs(model, x), all_outputs(later, x)
         assert later.dwt.forward.__func__.__leanvae_fused__
     assert not getattr(leanvae.modules.PEG3D.forward, "__leanvae_fused__", False)
+    ref_later = all_outputs(later, x)  # the reference classes again
     for k in ref:
-        assert rel(fused_existing[k], ref[k]) < 1e-4 and rel(fused_later[k], ref[k]) < 1e-4, k
+        assert rel(fused_existing[k], ref[k]) < 1e-4 and rel(fused_later[k], ref_later[k]) < 1e-4, k
 
 
 def test_lookalike_published_classes_are_recognised(model):
@@ -156,7 +157,7 @@ def test_published_model_instance(model):
     with torch.no_grad():
         ref_z, ref_x = pub.encode(x), pub.inference(x)[1]
         with use_fused_kernels(pub) as h:
-            assert _count(h, "PEG3D.forward") == 24 and _count(h, "Patcher.forward") == 1
+            assert _count(h, "PEG3D.forward") == 24 and _count(h, ": Patcher.forward") == 1
             z, xr = pub.encode(x), pub.inference(x)[1]
         assert torch.equal(pub.encode(x), ref_z)  # reverted: the published code's own numbers again
     assert rel(z, ref_z) < 1e-4 and rel(xr, ref_x) < 1e-4
@@ -215,39 +216,44 @@ def test_compile_fullgraph_encode_decode(model):
     assert rel(z, z_ref) < 1e-4 and rel(xr, x_ref) < 1e-4
 
 
+def _assert_no_less_accurate(fused, ref, exact, what):
+    """Low precision is judged against float32 (DESIGN.md): the fused path, which accumulates in float32,
+    must be no further from the float32 model than the reference's own low-precision path is. (In bfloat16
+    the reference itself is ~1.2% RMS from float32 on these random weights, so fused-vs-reference alone
+    would compare two noisy paths with each other.)"""
+    e_fused, e_ref = rel_rms(fused, exact), rel_rms(ref, exact)
+    assert e_fused <= 1.25 * e_ref + 1e-3, f"{what}: fused {e_fused:.4f} vs reference {e_ref:.4f} from float32"
+    assert rel_rms(fused, ref) < 2.5 * e_ref + 1e-3, what
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_model_cast_to_low_precision(model, dtype):
     low = copy.deepcopy(model).to(dtype)
     x = clip(dtype=dtype)
     with torch.no_grad():
-        ref_z = low.encode(x)
-        ref_x = low.decode(ref_z)
-        exact = model.decode(model.encode(x.float()))
+        z32 = model.encode(x.float())
+        x32 = model.decode(z32)
+        ref_z, ref_x = low.encode(x), low.decode(z32.to(dtype))
         with use_fused_kernels(low):
-            z = low.encode(x)
-            xr = low.decode(ref_z)
-    assert z.dtype == ref_z.dtype == dtype and xr.dtype == dtype
-    assert rel_rms(z, ref_z) < 1e-2 and rel_rms(xr, ref_x) < 1e-2
-    # The fused ops accumulate in float32, so the whole fused path is no further from the float32 model
-    # than the reference's low-precision path is (the GEMMs, run by torch in both, dominate the error).
-    with torch.no_grad():
-        ref_full = low.decode(low.encode(x))
-        with use_fused_kernels(low):
-            fused_full = low.decode(low.encode(x))
-    assert rel_rms(fused_full, exact) <= 1.5 * rel_rms(ref_full, exact) + 1e-3
+            z, xr = low.encode(x), low.decode(z32.to(dtype))
+    assert z.dtype == ref_z.dtype == dtype and xr.dtype == ref_x.dtype == dtype
+    _assert_no_less_accurate(z, ref_z, z32, "encode")
+    _assert_no_less_accurate(xr, ref_x, x32, "decode")
 
 
 def test_autocast(model):
     x = clip()
     dev = DEVICE.type
-    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
-        ref_z = model.encode(x)
-        ref_x = model.decode(ref_z)
-        with use_fused_kernels(model):
-            z = model.encode(x)
-            xr = model.decode(ref_z)
+    with torch.no_grad():
+        z32 = model.encode(x)
+        x32 = model.decode(z32)
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            ref_z, ref_x = model.encode(x), model.decode(z32)
+            with use_fused_kernels(model):
+                z, xr = model.encode(x), model.decode(z32)
     assert z.dtype == ref_z.dtype and xr.dtype == ref_x.dtype
-    assert rel_rms(z, ref_z) < 1e-2 and rel_rms(xr, ref_x) < 1e-2
+    _assert_no_less_accurate(z, ref_z, z32, "encode")
+    _assert_no_less_accurate(xr, ref_x, x32, "decode")
 
 
 def test_bad_arguments(model):
@@ -263,6 +269,6 @@ def test_bad_arguments(model):
 
 def test_groups_can_be_switched_separately(model):
     with use_fused_kernels(model, haar=False, ista=False) as h:
-        assert _count(h, "PEG3D") > 0 and _count(h, "Patcher") == 0 and _count(h, "ISTA") == 0
+        assert _count(h, "PEG3D") > 0 and _count(h, ": Patcher") == 0 and _count(h, "ISTA") == 0
     with use_fused_kernels(model, conv=False, ista=False) as h:
-        assert _count(h, "Patcher.forward") == 1 and _count(h, "PEG3D") == 0
+        assert _count(h, ": Patcher.forward") == 1 and _count(h, "PEG3D") == 0

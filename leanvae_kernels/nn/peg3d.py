@@ -53,7 +53,7 @@ def _previous_cache(peg, x):
     return ours
 
 
-def _peg_call(peg, x, residual):
+def _peg_call(peg, x, residual, backend=None):
     """PEG3D `peg` applied to x (plus x when `residual`), honouring its tile-inference state."""
     weight, bias = peg.ds_conv.weight, peg.ds_conv.bias
     if torch.is_autocast_enabled(x.device.type):
@@ -61,39 +61,39 @@ def _peg_call(peg, x, residual):
         # original x, as the model's `x + peg(x)` does (its dtype promotion included).
         dtype = torch.get_autocast_dtype(x.device.type)
         if x.dtype != dtype and residual:
-            return x + _peg_call(peg, x, False)
+            return x + _peg_call(peg, x, False, backend)
         x = x.to(dtype)
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
         bias = bias.to(x.dtype) if bias is not None else None
     if not peg.tile_inference:
-        return causal_dwconv3d(x, weight, bias, None, residual=residual)[0]
+        return causal_dwconv3d(x, weight, bias, None, residual=residual, backend=backend)[0]
     cache = None if peg.is_first_chunk else _previous_cache(peg, x)
     if cache is not None and cache.dtype != x.dtype:
         cache = cache.to(x.dtype)
-    y, new_cache = causal_dwconv3d(x, weight, bias, cache, residual=residual)
+    y, new_cache = causal_dwconv3d(x, weight, bias, cache, residual=residual, backend=backend)
     setattr(peg, CACHE_ATTR, new_cache)
     peg.causal_cached = None
     return y
 
 
-def fused_peg3d_forward(self, x):
+def fused_peg3d_forward(self, x, backend=None):
     """PEG3D.forward with the fused kernel. x: (B, T, H, W, C) -> (B, T, H, W, C)."""
-    return _peg_call(self, x, residual=False)
+    return _peg_call(self, x, residual=False, backend=backend)
 
 
-def fused_naf_forward(self, x):
+def fused_naf_forward(self, x, backend=None):
     """NAF.forward: for each layer, x = dconv_layer[i](x); x = ffd_layer[i](x)."""
     for i in range(self.num_layer):
-        x = _peg_call(self.dconv_layer[i], x, residual=False)
+        x = _peg_call(self.dconv_layer[i], x, residual=False, backend=backend)
         x = self.ffd_layer[i](x)
     return x
 
 
-def fused_resnaf_forward(self, x):
+def fused_resnaf_forward(self, x, backend=None):
     """ResNAF.forward: for each layer, x = x + dconv_layer[i](x) (fused); x = x + ffd_layer[i](x)."""
     for i in range(self.num_layer):
-        x = _peg_call(self.dconv_layer[i], x, residual=True)
+        x = _peg_call(self.dconv_layer[i], x, residual=True, backend=backend)
         x = x + self.ffd_layer[i](x)
     return x
 
