@@ -3,7 +3,7 @@
 Ops (registered as `torch.ops.leanvae.*`, each with a fake kernel and autograd):
     haar_dwt3d, haar_dwt2d, haar_idwt3d, haar_idwt2d, haar_patch, haar_unpatch   wavelet transforms
     causal_dwconv3d                                                             the model's PEG3D conv
-    ista_step, soft_threshold                                                   the ISTA bottleneck
+    ista_step, ista_residual_step, ista_init_step, soft_threshold              the ISTA bottleneck
 Backends: "cuda" (CUDA C++), "triton", "cpu" (native C++), "reference" (pure PyTorch); see
 `set_backend` and `python -m leanvae info`.
 """
@@ -13,5 +13,6 @@ from .ops import (
     haar_idwt2d, haar_idwt2d_reference, haar_idwt3d, haar_idwt3d_reference, haar_patch, haar_patch_reference,
     haar_unpatch, haar_unpatch_reference, ista_step, ista_step_reference, soft_threshold, soft_threshold_reference,
 )
+from .ops import ista_init_step, ista_init_step_reference, ista_residual_step, ista_residual_step_reference
 
 __version__ = "0.1.0"

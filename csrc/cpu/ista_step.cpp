@@ -182,12 +182,16 @@ inline void group_inputs(const Problem<T>& p, int64_t i0, int valid, acc_t<T>* X
 }
 
 constexpr int64_t kRowsPerTask = 64;  // forward: rows per OpenMP work item (a multiple of kGroup)
+// Below this many multiply-adds a call runs on one thread: waking a thread team costs more than the work
+// (and much more on an oversubscribed machine, where every barrier waits for a time slice).
+constexpr int64_t kMinParallelWork = 1 << 18;
 
 template <class T>
 void fwd(const Problem<T>& p, T* out, int threads) {
   using A = acc_t<T>;
   const int64_t tasks = (p.n + kRowsPerTask - 1) / kRowsPerTask;
-#pragma omp parallel num_threads(threads)
+  const bool parallel = tasks > 1 && p.n * p.D * p.dp >= kMinParallelWork;
+#pragma omp parallel num_threads(threads) if (parallel)
   {
     std::vector<A> X(kGroup * p.Dp), E(kGroup * p.dp);
 #pragma omp for schedule(static)
@@ -209,7 +213,8 @@ void bwd(const Problem<T>& p, const T* grad, int64_t grad_rs, T* grad_x, T* grad
   constexpr int VN = Vec<A>::n;
   const int64_t D = p.D, Dp = p.Dp, d = p.d, dp = p.dp;
   const int64_t blocks = (p.n + rows_per_partial - 1) / rows_per_partial;
-#pragma omp parallel num_threads(threads)
+  const bool parallel = blocks > 1 && p.n * D * dp >= kMinParallelWork;
+#pragma omp parallel num_threads(threads) if (parallel)
   {
     std::vector<A> X(kGroup * Dp), G(kGroup * Dp), E(kGroup * dp), H(kGroup * dp), P(dp * Dp);
 #pragma omp for schedule(static)

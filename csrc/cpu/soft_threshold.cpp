@@ -26,7 +26,7 @@ template <class T>
 void fwd(const T* __restrict x, T* __restrict out, int64_t n, acc_t<T> theta, int threads) {
   using A = acc_t<T>;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
     for (int64_t i = lo; i < hi; ++i) {
@@ -46,7 +46,7 @@ void bwd(const T* __restrict grad, const T* __restrict x, T* __restrict grad_x, 
   using A = acc_t<T>;
   constexpr int VN = Vec<A>::n, NV = kLanes / VN;
   const int64_t blocks = (n + block - 1) / block;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (blocks > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t lo = b * block, hi = std::min(n, lo + block);
     vec_t<A> acc[NV] = {};

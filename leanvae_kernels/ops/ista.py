@@ -315,11 +315,25 @@ def _(mode, grad, src, u, y, phi, w):
     return (grad_x, grad_y) + _finish_grads(part_phi, part_w, phi, w)
 
 
-# Largest (d rounded up to 8) * (D rounded up to 512) * 4 bytes of phi the CUDA kernels keep in shared memory.
-_CUDA_MAX_PHI_SMEM = 160 * 1024
+# Shared memory the CUDA kernels may ask for (the largest opt-in of an A100 is 163 KiB, of an H100 227 KiB).
+_CUDA_MAX_SMEM = 160 * 1024
 
 
-def _shape_support(backend, d, big_d):
+def _cuda_smem_bytes(mode, d, big_d):
+    """Shared memory of the larger of the CUDA forward and backward launches (csrc/cuda/ista_step.cu: plan)."""
+    def cdiv(a, b):
+        return -(-a // b)
+
+    warps = cdiv(cdiv(big_d, 4), 32)  # 4 columns per thread, whole warps
+    d4 = warps * 32 * 4
+    tables = 2 if mode == 2 else 1
+    fwd_dp, fwd_rows = (4, 8) if d <= 4 else (cdiv(d, 8) * 8, 4)
+    bwd_dp, bwd_rows = cdiv(d, 4) * 4, 8
+    return max((dp * d4 * tables + warps * dp * rows + 2 * rows * dp + warps) * 4
+               for dp, rows in ((fwd_dp, fwd_rows), (bwd_dp, bwd_rows)))
+
+
+def _shape_support(backend, mode, d, big_d):
     """(ok, reason): whether `backend`'s kernels handle this d and D (every backend handles the dtypes it registers)."""
     if backend == "reference":
         return True, ""
@@ -328,22 +342,24 @@ def _shape_support(backend, d, big_d):
     if backend == "triton" and big_d > 4096:
         return False, f"the triton kernels hold a token row on chip and support D <= 4096, got D = {big_d}"
     if backend == "cuda":
-        smem = -(-d // 8) * 8 * -(-big_d // 512) * 512 * 4
-        if big_d > 4096 or smem > _CUDA_MAX_PHI_SMEM:
-            return False, f"the cuda kernels hold phi in shared memory and support D <= 4096 with d*D*4 <= {_CUDA_MAX_PHI_SMEM} bytes, got d = {d}, D = {big_d}"
+        if big_d > 4096:
+            return False, f"the cuda kernels give each of at most 1024 threads 4 columns: D <= 4096, got D = {big_d}"
+        smem = _cuda_smem_bytes(mode, d, big_d)
+        if smem > _CUDA_MAX_SMEM:
+            return False, f"the cuda kernels hold phi{' and Q' if mode == 2 else ''} in shared memory: d = {d}, D = {big_d} needs {smem} bytes, more than {_CUDA_MAX_SMEM}"
     return True, ""
 
 
-def _choose_backend(requested, device, dtype, n, d, big_d):
+def _choose_backend(requested, device, dtype, mode, n, d, big_d):
     """The backend to run: `requested`, or for "auto" the first in the auto order that can run this shape."""
     if min(n, d, big_d) == 0:
         return "reference"  # empty problems: nothing for a kernel to do, the reference returns the right shapes
     if requested == "auto":
         for backend in _AUTO_ORDER.get(device.type, ("reference",)):
-            if _step_fwd.status(backend, device.type, dtype)[0] and _shape_support(backend, d, big_d)[0]:
+            if _step_fwd.status(backend, device.type, dtype)[0] and _shape_support(backend, mode, d, big_d)[0]:
                 return backend
         return "reference"
-    ok, reason = _shape_support(requested, d, big_d)
+    ok, reason = _shape_support(requested, mode, d, big_d)
     if not ok:
         raise BackendUnavailable(f"ista_step: backend {requested!r} is not available: {reason}")
     return requested
@@ -356,7 +372,7 @@ def _prepare(t):
 
 def _run_fwd(backend, mode, src, u, y, phi, w):
     n, big_d, d = y.shape[0], phi.shape[1], phi.shape[0]
-    chosen = _choose_backend(backend, y.device, y.dtype, n, d, big_d)
+    chosen = _choose_backend(backend, y.device, y.dtype, mode, n, d, big_d)
     if chosen != "reference":
         src = src.contiguous() if mode == 2 else _prepare(src)
         u = _prepare(u) if u is not None else None
@@ -367,7 +383,7 @@ def _run_fwd(backend, mode, src, u, y, phi, w):
 def _run_bwd(backend, mode, grad, src, u, y, phi, w):
     n, big_d, d = y.shape[0], phi.shape[1], phi.shape[0]
     grad = grad.to(y.dtype)
-    chosen = _choose_backend(backend, y.device, y.dtype, n, d, big_d)
+    chosen = _choose_backend(backend, y.device, y.dtype, mode, n, d, big_d)
     if chosen != "reference":
         src = src.contiguous() if mode == 2 else _prepare(src)
         u = _prepare(u) if u is not None else None
