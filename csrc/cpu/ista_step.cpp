@@ -8,7 +8,8 @@
 //
 // `round` rounds to the storage dtype, as the unfused model stores x before the step reads it.
 // Backward (g = grad of out):
-//   h = g @ phi^T;  grad_x = g - w * h @ phi;  grad_y = w * h  (mode 2 adds the Q terms in Python)
+//   h = g @ phi^T;  grad_x = g - w * h @ phi;  grad_y = w * h  (mode 2 adds the Q terms in Python,
+//   so grad_y is written in the accumulation dtype)
 //   grad_phi = -w * sum_rows(e^T g + h^T x),  grad_w = -sum_rows(e . h)
 // The two row sums are written as partials, one per fixed block of `rows_per_partial` rows, each summed
 // in row order; the caller reduces them. Neither depends on the thread count.
@@ -17,8 +18,8 @@
 //   fwd: [src, y, phi, w, out, (u)]                                    ints: [mode]
 //   bwd: [grad, src, y, phi, w, grad_x, grad_y, part_phi, part_w, (u)]  ints: [mode, rows_per_partial]
 //   src is r (N, D) in modes 0 and 1, Q (D, d) contiguous in mode 2; phi (d, D) contiguous; out,
-//   grad_x (N, D), grad_y (N, d) contiguous; part_phi (blocks, d, D), part_w (blocks,) in the
-//   accumulation dtype (float, double for float64).
+//   grad_x (N, D), grad_y (N, d) contiguous; grad_y, part_phi (blocks, d, D) and part_w (blocks,) in
+//   the accumulation dtype (float, double for float64).
 //
 // Inner loops use 32-byte vectors (GCC/Clang vector extensions: AVX on x86, pairs of NEON registers on
 // ARM) over rows zero-padded to a multiple of 16, in register tiles of kGroup rows; every sum has a
@@ -207,7 +208,7 @@ void fwd(const Problem<T>& p, T* out, int threads) {
 }
 
 template <class T>
-void bwd(const Problem<T>& p, const T* grad, int64_t grad_rs, T* grad_x, T* grad_y, acc_t<T>* part_phi,
+void bwd(const Problem<T>& p, const T* grad, int64_t grad_rs, T* grad_x, acc_t<T>* grad_y, acc_t<T>* part_phi,
          acc_t<T>* part_w, int64_t rows_per_partial, int threads) {
   using A = acc_t<T>;
   constexpr int VN = Vec<A>::n;
@@ -239,7 +240,7 @@ void bwd(const Problem<T>& p, const T* grad, int64_t grad_rs, T* grad_x, T* grad
         group_update<T>(G.data(), H.data(), p.phi.data(), dp, D, Dp, p.w, grad_x + i0 * D, valid);
         for (int r = 0; r < valid; ++r)
           for (int64_t k = 0; k < d; ++k) {
-            store(grad_y + (i0 + r) * d + k, p.w * H[r * dp + k]);
+            grad_y[(i0 + r) * d + k] = p.w * H[r * dp + k];
             wsum += E[r * dp + k] * H[r * dp + k];
           }
         // P[k][j] += e_rk g_rj + h_rk x_rj over the group's rows in order.
@@ -288,7 +289,7 @@ void ista_step_bwd_cpu(const KernelArgs& a) {
   dispatch_float(grad.dtype, a.name, [&](auto tag) {
     using T = decltype(tag);
     const Problem<T> p = make_problem<T>(a, mode, src, y, phi, w, grad, u);
-    bwd<T>(p, grad.ptr<const T>(), grad.st(0), grad_x.ptr<T>(), grad_y.ptr<T>(), part_phi.ptr<acc_t<T>>(),
+    bwd<T>(p, grad.ptr<const T>(), grad.st(0), grad_x.ptr<T>(), grad_y.ptr<acc_t<T>>(), part_phi.ptr<acc_t<T>>(),
            part_w.ptr<acc_t<T>>(), rows_per_partial, a.num_threads);
   });
 }

@@ -88,7 +88,7 @@ struct StepParams {
   const void* phi;  // (d, D) contiguous
   const void* grad; // backward: (N, D) rows
   void* out;        // forward: (N, D) contiguous; backward: grad_x
-  void* grad_y;     // backward: (N, d) contiguous
+  float* grad_y;    // backward: (N, d) contiguous, float32 (the init mode adds to it in Python)
   float* part_phi;  // backward: (blocks, d, D)
   float* part_w;    // backward: (blocks,)
   int64_t n, src_rs, u_rs, y_rs, grad_rs, rows_per_partial;
@@ -280,7 +280,7 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
         const int r = t / p.DP, k = t % p.DP;
         const int64_t row = row0 + r;
         if (k < p.d && row < end) {
-          static_cast<T*>(p.grad_y)[row * p.d + k] = from_float<T>(w * h_s[t]);
+          p.grad_y[row * p.d + k] = w * h_s[t];
           wacc += e_s[t] * h_s[t];
         }
       }
@@ -450,7 +450,7 @@ void ista_step_bwd_cuda(const KernelArgs& a) {
   p.grad = grad.data;
   p.grad_rs = grad.st(0);
   p.out = grad_x.data;
-  p.grad_y = grad_y.data;
+  p.grad_y = grad_y.ptr<float>();
   p.part_phi = part_phi.ptr<float>();
   p.part_w = part_w.ptr<float>();
   p.DP = (p.d + 3) / 4 * 4;  // 8 virtual rows x 4 phi rows per reduction

@@ -1,4 +1,6 @@
 """Helpers shared by the op definitions: input validation with clear errors, dtype sets, output checks."""
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -53,14 +55,27 @@ def check_scalar(op, name, t):
         raise ValueError(f"{op}: {name} must hold one element (shape () or (1,)), got {describe(t)}")
 
 
+def _autograd_inside_op():
+    """Autograd back on inside a registered op's implementation (the reference backward ops run there).
+
+    The dispatcher excludes the autograd keys while it runs an op's implementation, so there
+    `torch.enable_grad()` alone records nothing and every gradient would silently come out zero.
+    """
+    stack = contextlib.ExitStack()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther):
+        stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(key, False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
 def vjp(fn, inputs, grads):
     """Gradients of `fn(*inputs)` w.r.t. every floating tensor input, by autograd through `fn`.
 
     The reference backward of every op: `fn` is the op's pure-PyTorch reference. Non-tensor inputs and
     None are passed through and get None. `grads` matches fn's outputs (a tensor or a tuple; None for
-    an output that receives no gradient).
+    an output that receives no gradient). Works inside a registered op (see `_autograd_inside_op`).
     """
-    with torch.enable_grad():
+    with _autograd_inside_op():
         leaves = [t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
         outs = fn(*leaves)
         outs = outs if isinstance(outs, tuple) else (outs,)

@@ -7,6 +7,8 @@ Chain of names (see CRAFT.md): `_soft_threshold_fwd_kernel` (Triton, CUDA) / `so
 -> native kernel "soft_threshold_fwd" / Triton launcher `soft_threshold_fwd` -> `torch.ops.leanvae.soft_threshold`
 -> `soft_threshold()` below -> the fused ISTA module.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -48,12 +50,27 @@ _st_fwd = OpBackends("soft_threshold")
 _st_bwd = OpBackends("soft_threshold_backward")
 
 
+def _outside_autocast(fn):
+    """The reference backend is the spec: it computes in float32 even when called under torch.autocast
+    (autocast stays active inside a registered op and would run its matmuls in the autocast dtype)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+
+    return wrapper
+
+
 @_st_fwd.register("reference", ALL_DTYPES)
+@_outside_autocast
 def _(x, theta):
     return soft_threshold_reference(x, theta)
 
 
 @_st_bwd.register("reference", ALL_DTYPES)
+@_outside_autocast
 def _(grad, x, theta):
     gx, gt = vjp(soft_threshold_reference, (x, theta), grad)
     return gx.to(x.dtype), gt.to(theta.dtype)
@@ -232,7 +249,8 @@ def _check_ista_init_step(y, Q, phi, w):
 # Backend implementations: fwd(mode, src, u, y, phi, w) -> out and
 # bwd(mode, grad, src, u, y, phi, w) -> (grad_x, grad_y, grad_phi, grad_w), where src is r (modes step
 # and residual) or Q (init), u is None outside the residual mode, grad_x is the gradient of x, and
-# grad_y covers only y's role as the measurement (the init mode's y @ Q.T term is added by the caller).
+# grad_y covers only y's role as the measurement (the init mode's y @ Q.T term is added by the caller);
+# grad_y is returned in the accumulation dtype, so that sum is rounded once.
 _step_fwd = OpBackends("ista_step")
 _step_bwd = OpBackends("ista_step_backward")
 _REFERENCE_STEP = {0: ista_step_reference, 1: ista_residual_step_reference, 2: ista_init_step_reference}
@@ -244,6 +262,7 @@ def _mode_inputs(mode, src, u, y, phi, w):
 
 
 @_step_fwd.register("reference", ALL_DTYPES)
+@_outside_autocast
 def _(mode, src, u, y, phi, w):
     return _REFERENCE_STEP[mode](*_mode_inputs(mode, src, u, y, phi, w))
 
@@ -259,10 +278,12 @@ def _x_of(mode, src, u, y):
 
 
 @_step_bwd.register("reference", ALL_DTYPES)
+@_outside_autocast
 def _(mode, grad, src, u, y, phi, w):
     x = _x_of(mode, src, u, y)
-    gx, gy, gphi, gw = vjp(ista_step_reference, (x, y, phi, w), grad)
-    return gx.to(x.dtype), gy.to(y.dtype), gphi.to(phi.dtype), gw.to(w.dtype)
+    acc = acc_dtype(y.dtype)
+    gx, gy, gphi, gw = vjp(ista_step_reference, (x.to(acc), y.to(acc), phi.to(acc), w), grad.to(acc))
+    return gx.to(x.dtype), gy, gphi.to(phi.dtype), gw.to(w.dtype)
 
 
 def _finish_grads(partials_phi, partials_w, phi, w):
@@ -289,7 +310,7 @@ def _native_step_impls(backend, dtypes):
     @_step_bwd.register(backend, dtypes)
     def _(mode, grad, src, u, y, phi, w):
         grad_x = torch.empty_like(grad)
-        grad_y = torch.empty_like(y)
+        grad_y = torch.empty(y.shape, device=y.device, dtype=acc_dtype(y.dtype))
         part_phi, part_w = _partials(grad.shape[0], phi.shape[0], phi.shape[1], grad.device, grad.dtype)
         tensors = [grad, src, y, phi, w, grad_x, grad_y, part_phi, part_w] + ([u] if mode == 1 else [])
         _native.run(backend, "ista_step_bwd", tensors, ints=[mode, ISTA_PARTIAL_ROWS])
@@ -408,7 +429,8 @@ def _(r, y, phi, w, backend):
 def _ista_step_backward_op(
     grad: torch.Tensor, r: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_run_bwd(backend, 0, grad, r, None, y, phi, w))
+    gr, gy, gphi, gw = _run_bwd(backend, 0, grad, r, None, y, phi, w)
+    return gr, gy.to(y.dtype), gphi, gw
 
 
 @_ista_step_backward_op.register_fake
@@ -461,7 +483,8 @@ def _ista_residual_step_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_x, grad_y, grad_phi, grad_w); grad_x is the gradient of both r and u."""
-    return tuple(_run_bwd(backend, 1, grad, r, u, y, phi, w))
+    gx, gy, gphi, gw = _run_bwd(backend, 1, grad, r, u, y, phi, w)
+    return gx, gy.to(y.dtype), gphi, gw
 
 
 @_ista_residual_step_backward_op.register_fake
@@ -513,10 +536,23 @@ def _ista_init_step_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_y, grad_Q, grad_phi, grad_w)."""
     gx, gy, gphi, gw = _run_bwd(backend, 2, grad, Q, None, y, phi, w)
-    # x = y @ Q.T: its gradient reaches y and Q through two thin GEMMs over the (N, D) grad_x.
-    gy = (gy.to(acc_dtype(y.dtype)) + torch.mm(gx, Q.to(gx.dtype)).to(acc_dtype(y.dtype))).to(y.dtype)
-    gq = torch.mm(gx.t(), y.to(gx.dtype)).to(Q.dtype)
+    # x = y @ Q.T: its gradient reaches y and Q through two thin GEMMs over the (N, D) grad_x, with float32
+    # results, so that each gradient is rounded once.
+    gy = (gy + _mm_acc(gx, Q.to(gx.dtype))).to(y.dtype)
+    gq = _mm_acc(gx.t(), y.to(gx.dtype)).to(Q.dtype)
     return gy, gq, gphi, gw
+
+
+def _mm_acc(a, b):
+    """a @ b with the result in the accumulation dtype (float32 from 16-bit inputs without an extra copy on
+    CUDA), never in an autocast dtype (a backward run inside torch.autocast would otherwise round it)."""
+    acc = acc_dtype(a.dtype)
+    with torch.autocast(a.device.type, enabled=False):
+        if a.dtype == acc:
+            return torch.mm(a, b)
+        if a.is_cuda:
+            return torch.mm(a, b, out_dtype=acc)
+        return torch.mm(a.to(acc), b.to(acc))
 
 
 @_ista_init_step_backward_op.register_fake

@@ -189,10 +189,10 @@ def ista_step_fwd(mode, src, u, y, phi, w, fp32=None):
 
 
 def ista_step_bwd(mode, grad, src, u, y, phi, w, rows_per_partial, fp32=None):
-    """Returns (grad_x, grad_y, part_phi (blocks, d, D), part_w (blocks,)), partials in float32."""
+    """Returns (grad_x, grad_y, part_phi (blocks, d, D), part_w (blocks,)); all but grad_x in float32."""
     n, (d, big_d) = y.shape[0], phi.shape
     grad_x = torch.empty(n, big_d, device=y.device, dtype=y.dtype)
-    grad_y = torch.empty_like(y, memory_format=torch.contiguous_format)
+    grad_y = torch.empty(y.shape, device=y.device, dtype=torch.float32)
     blocks = max(1, triton.cdiv(n, rows_per_partial))
     part_phi = torch.zeros(blocks, d, big_d, device=y.device, dtype=torch.float32)
     part_w = torch.zeros(blocks, device=y.device, dtype=torch.float32)
