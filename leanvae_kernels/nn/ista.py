@@ -36,17 +36,17 @@ def _autocast_dtype(device_type):
     return None
 
 
-def _step_after_residual(self, i, recon_r, naf, y2, yc, phi_c):
+def _step_after_residual(self, i, recon_r, naf, y2, yc, phi_c, backend):
     """recon_r for iteration i > 0 from the previous iteration's `recon_r` and NAF output."""
     if naf.dtype == recon_r.dtype == yc.dtype:
-        return ista_residual_step(recon_r, naf, yc, phi_c, self.weights[i])
+        return ista_residual_step(recon_r, naf, yc, phi_c, self.weights[i], backend=backend)
     # Mixed dtypes (a NAF that returns another dtype): the model's own expression, unfused.
     recon = recon_r + naf
     return recon - self.weights[i] * torch.mm(torch.mm(recon, self.phi.t()) - y2, self.phi)
 
 
-def fused_ista_recon(self, y):
-    """Fused `ISTA.recon`. y: (B, T, H, W, d) -> (B, T, H, W, D).
+def fused_ista_recon(self, y, backend=None):
+    """Fused `ISTA.recon`. y: (B, T, H, W, d) -> (B, T, H, W, D). backend: as for the ops (None: the process setting).
 
     Uses only attributes the published ISTA has (phi, Q, weights, threshold, forward_l, backward_l,
     iter_num), so it can be bound onto an existing instance: `m.recon = types.MethodType(fused_ista_recon, m)`
@@ -58,21 +58,22 @@ def fused_ista_recon(self, y):
         return torch.mm(y2, self.Q.t()).view(b, t, h, w, -1)
     cast = _autocast_dtype(y.device.type)
     yc, q, phi_c = (y2, self.Q, self.phi) if cast is None else (y2.to(cast), self.Q.to(cast), self.phi.to(cast))
-    recon_r = ista_init_step(yc, q, phi_c, self.weights[0])
+    recon_r = ista_init_step(yc, q, phi_c, self.weights[0], backend=backend)
     d = recon_r.shape[1]
     naf = None
     for i in range(self.iter_num):
         if i > 0:
-            recon_r = _step_after_residual(self, i, recon_r, naf, y2, yc, phi_c)
+            recon_r = _step_after_residual(self, i, recon_r, naf, y2, yc, phi_c, backend)
         z = self.forward_l[i](recon_r.reshape(b, t, h, w, -1))
-        z = soft_threshold(z, self.threshold[i])
+        z = soft_threshold(z, self.threshold[i], backend=backend)
         naf = self.backward_l[i](z).view(-1, d)
     return (recon_r + naf).view(b, t, h, w, -1)
 
 
-def fused_ista_forward(self, x):
-    """Fused `ISTA.forward` (`recon(sample(x))`), for binding as an instance-level forward."""
-    return fused_ista_recon(self, self.sample(x))
+def fused_ista_forward(self, x, backend=None):
+    """Fused `ISTA.forward` (`recon(sample(x))`), for binding as an instance-level forward. `sample` is the
+    model's own: one thin GEMM that reads x once, nothing to fuse."""
+    return fused_ista_recon(self, self.sample(x), backend=backend)
 
 
 def bind_fused_naf(module):

@@ -55,17 +55,21 @@ def check_scalar(op, name, t):
         raise ValueError(f"{op}: {name} must hold one element (shape () or (1,)), got {describe(t)}")
 
 
-def _autograd_inside_op():
-    """Autograd back on inside a registered op's implementation (the reference backward ops run there).
+# Inside a torch.library.custom_op implementation the autograd dispatch keys are excluded, so tensors
+# made there never require grad and torch.autograd.grad would find no graph (the reference backward
+# silently returned zeros). `_autograd_enabled` lifts that exclusion for the reference's vjp only.
+_AUTOGRAD_KEYS = (
+    torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther, torch._C.DispatchKey.AutogradNestedTensor,
+)
 
-    The dispatcher excludes the autograd keys while it runs an op's implementation, so there
-    `torch.enable_grad()` alone records nothing and every gradient would silently come out zero.
-    """
-    stack = contextlib.ExitStack()
-    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther):
-        stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(key, False))
-    stack.enter_context(torch.enable_grad())
-    return stack
+
+@contextlib.contextmanager
+def _autograd_enabled():
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
 
 
 def vjp(fn, inputs, grads):
@@ -73,9 +77,9 @@ def vjp(fn, inputs, grads):
 
     The reference backward of every op: `fn` is the op's pure-PyTorch reference. Non-tensor inputs and
     None are passed through and get None. `grads` matches fn's outputs (a tensor or a tuple; None for
-    an output that receives no gradient). Works inside a registered op (see `_autograd_inside_op`).
+    an output that receives no gradient).
     """
-    with _autograd_inside_op():
+    with _autograd_enabled():
         leaves = [t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
         outs = fn(*leaves)
         outs = outs if isinstance(outs, tuple) else (outs,)
