@@ -13,7 +13,9 @@ latent grid, 5 x 135 x 240) in bfloat16 and float32; latent d = 4 and 16. Cases:
                            ista_step): the difference to the fused case is what the fusion saves
 Providers: reference (the model's expressions, eager), compile (torch.compile of them), cpu, triton, cuda.
 bytes_moved: the case's inputs read once and outputs written once (the unfused variants use their fused
-case's figure, so their bandwidth fraction shows the cost of the extra round trip).
+case's figure, so their bandwidth fraction shows the cost of the extra round trip). The backward mode
+times torch.autograd.grad on a retained graph; torch.compile's backward is compiled without buffer
+donation for that (donated buffers cannot be reused by a second backward).
 """
 import types
 
@@ -124,16 +126,21 @@ def _ids(dtype):
     return DTYPE_IDS[dtype]
 
 
+def _group(benchmark, case, d, dtype, mode):
+    benchmark.group = f"ista {case.replace('_unfused', '')} {N}x{D} d{d} {DTYPE_IDS[dtype]} {mode}"
+    benchmark.extra_info.update(case=case, d=d, tokens=N, D=D)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("d", LATENTS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_forward(benchmark, provider, case, d, dtype):
+    _group(benchmark, case, d, dtype, "forward")
     fn = _fn(provider, case)
     t = _inputs(d, dtype, requires_grad=False)
     with torch.no_grad():
         run(benchmark, provider, lambda: fn(t), bytes_moved=_bytes(case, d, dtype, "forward"), dtype=dtype, mode="forward")
-    benchmark.extra_info.update(case=case, d=d, tokens=N, D=D)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
@@ -141,14 +148,15 @@ def test_forward(benchmark, provider, case, d, dtype):
 @pytest.mark.parametrize("case", BACKWARD_CASES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_backward(benchmark, provider, case, d, dtype):
+    _group(benchmark, case, d, dtype, "backward")
     fn = _fn(provider, case)
     t = _inputs(d, dtype, requires_grad=True)
-    out = fn(t)
+    with torch._functorch.config.patch(donated_buffer=False):  # compiled here, on the first call
+        out = fn(t)
     grad = torch.randn_like(out)
     wrt = [getattr(t, name) for name in CASES[case][2]]
     run(benchmark, provider, lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True),
         bytes_moved=_bytes(case, d, dtype, "backward"), dtype=dtype, mode="backward")
-    benchmark.extra_info.update(case=case, d=d, tokens=N, D=D)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
@@ -156,10 +164,10 @@ def test_backward(benchmark, provider, case, d, dtype):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_forward_backward(benchmark, provider, d, dtype):
     case = "step_threshold"
+    _group(benchmark, case, d, dtype, "forward_backward")
     fn = _fn(provider, case)
     t = _inputs(d, dtype, requires_grad=True)
     wrt = [getattr(t, name) for name in CASES[case][2]]
     grad = torch.randn(N, D, device=DEVICE, dtype=dtype)
     run(benchmark, provider, lambda: torch.autograd.grad(fn(t), wrt, grad),
         bytes_moved=_bytes(case, d, dtype, "forward_backward"), dtype=dtype, mode="forward_backward")
-    benchmark.extra_info.update(case=case, d=d, tokens=N, D=D)
