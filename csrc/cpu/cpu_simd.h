@@ -25,12 +25,10 @@ template <class A>
 inline vec_t<A> vload(const A* p) { vec_t<A> v; std::memcpy(&v, p, sizeof(v)); return v; }
 template <class A>
 inline void vstore(A* p, vec_t<A> v) { std::memcpy(p, &v, sizeof(v)); }
-template <class A>
-inline vec_t<A> vsplat(A s) {  // (not `vec{} + s`: that turns -0.0 into +0.0)
-  vec_t<A> v;
-  for (int l = 0; l < Vec<A>::n; ++l) v[l] = s;
-  return v;
-}
+// Every lane s: an explicit initialiser compiles to one broadcast (a lane-by-lane loop to a chain of
+// inserts; `vec{} + s` would turn -0.0 into +0.0).
+inline vec_t<float> vsplat(float s) { return vec_t<float>{s, s, s, s, s, s, s, s}; }
+inline vec_t<double> vsplat(double s) { return vec_t<double>{s, s, s, s}; }
 // m ? v : +0.0, lane by lane (m from a comparison).
 template <class A>
 inline vec_t<A> vselect0(mask_t<A> m, vec_t<A> v) { return reinterpret_cast<vec_t<A>>(reinterpret_cast<mask_t<A>>(v) & m); }

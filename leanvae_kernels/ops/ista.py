@@ -2,10 +2,14 @@
 
     soft_threshold(x, theta) = sign(x) * relu(|x| - theta)        x: any shape, theta: one element
     ista_step(r, y, phi, w)  = r - w * ((r @ phi.T - y) @ phi)     r: (N, D), y: (N, d), phi: (d, D), w: one element
+    ista_residual_step(r, u, y, phi, w) = ista_step(r + u, y, phi, w)      the model's residual add, fused
+    ista_init_step(y, Q, phi, w)        = ista_step(y @ Q.T, y, phi, w)    the model's first step, Q: (D, d)
 
 Chain of names (see CRAFT.md): `_soft_threshold_fwd_kernel` (Triton, CUDA) / `soft_threshold_fwd_cpu`
 -> native kernel "soft_threshold_fwd" / Triton launcher `soft_threshold_fwd` -> `torch.ops.leanvae.soft_threshold`
--> `soft_threshold()` below -> the fused ISTA module.
+-> `soft_threshold()` below -> the fused ISTA module (leanvae_kernels/nn/ista.py). The three step ops
+share `_ista_step_{fwd,bwd}_kernel` (Triton, CUDA) / `ista_step_{fwd,bwd}_cpu` -> native kernels
+"ista_step_fwd" / "ista_step_bwd" (an int `mode` selects the input) -> `torch.ops.leanvae.ista_*step`.
 """
 import functools
 
