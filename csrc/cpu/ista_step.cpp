@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -78,6 +79,8 @@ struct Problem {
     } else if (mode == kResidual) {
       const T *a = src + i * src_rs, *b = u + i * u_rs;
       for (int64_t j = 0; j < D; ++j) buf[j] = round_to<T>(load(a + j) + load(b + j));
+    } else if (std::is_same<T, A>::value) {
+      std::memcpy(buf, src + i * src_rs, D * sizeof(A));
     } else {
       const T* a = src + i * src_rs;
       for (int64_t j = 0; j < D; ++j) buf[j] = load(a + j);
@@ -160,11 +163,19 @@ inline void group_update(const acc_t<T>* base, const acc_t<T>* coef, const acc_t
       }
     }
     const int64_t nc = std::min<int64_t>(2 * VN, D - j);
+    const vec_t<A> wv = vsplat(w);
     for (int r = 0; r < valid; ++r) {
-      A vs[2 * VN];
-      std::memcpy(vs, v[r], sizeof(vs));
       const A* bs = base + r * Dp + j;
-      for (int64_t c = 0; c < nc; ++c) store(out + r * D + j + c, bs[c] - w * vs[c]);
+      const vec_t<A> o0 = vload(bs) - wv * v[r][0], o1 = vload(bs + VN) - wv * v[r][1];
+      if (std::is_same<T, A>::value && nc == 2 * VN) {  // stored as computed: straight vector stores
+        vstore(reinterpret_cast<A*>(out + r * D + j), o0);
+        vstore(reinterpret_cast<A*>(out + r * D + j + VN), o1);
+      } else {
+        A os[2 * VN];
+        vstore(os, o0);
+        vstore(os + VN, o1);
+        for (int64_t c = 0; c < nc; ++c) store(out + r * D + j + c, os[c]);
+      }
     }
   }
 }
