@@ -155,4 +155,11 @@ class OpBackends:
         return self.impls[requested][0]
 
     def __call__(self, requested, device, dtype, *args):
-        return self.select(requested, device, dtype)(*args)
+        fn = self.select(requested, device, dtype)
+        # Each implementation fixes its own precision (inputs' dtype, float32 accumulation): the caller's
+        # autocast must not reach the torch ops inside (the references' matmuls and convolutions).
+        device_type = device.type if isinstance(device, torch.device) else str(device)
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return fn(*args)
+        return fn(*args)

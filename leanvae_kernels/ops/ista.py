@@ -2,16 +2,21 @@
 
     soft_threshold(x, theta) = sign(x) * relu(|x| - theta)        x: any shape, theta: one element
     ista_step(r, y, phi, w)  = r - w * ((r @ phi.T - y) @ phi)     r: (N, D), y: (N, d), phi: (d, D), w: one element
+    ista_residual_step(r, u, y, phi, w) = ista_step(r + u, y, phi, w)      the model's residual add, fused
+    ista_init_step(y, Q, phi, w)        = ista_step(y @ Q.T, y, phi, w)    the model's first step, Q: (D, d)
 
 Chain of names (see CRAFT.md): `_soft_threshold_fwd_kernel` (Triton, CUDA) / `soft_threshold_fwd_cpu`
 -> native kernel "soft_threshold_fwd" / Triton launcher `soft_threshold_fwd` -> `torch.ops.leanvae.soft_threshold`
--> `soft_threshold()` below -> the fused ISTA module.
+-> `soft_threshold()` below -> the fused ISTA module (leanvae_kernels/nn/ista.py). The three step ops
+share `_ista_step_{fwd,bwd}_kernel` (Triton, CUDA) / `ista_step_{fwd,bwd}_cpu` -> native kernels
+"ista_step_fwd" / "ista_step_bwd" (an int `mode` selects the input) -> `torch.ops.leanvae.ista_*step`.
 """
+
 import torch
 import torch.nn.functional as F
 
 from .. import _native
-from .._backend import OpBackends, resolve
+from .._backend import _AUTO_ORDER, BackendUnavailable, OpBackends, resolve
 from ._common import ALL_DTYPES, GPU_DTYPES, acc_dtype, check_same_device, check_scalar, check_tensor, vjp
 
 # Elements per partial sum of grad_theta. Fixed, so the reduction order (and result) does not depend
@@ -146,6 +151,19 @@ def soft_threshold(x, theta, *, backend=None):
 
 
 # --------------------------------------------------------------------------------------- ISTA step
+# Three ops share one kernel per backend, which differs only in where the step's input x comes from:
+#   ista_step(r, y, phi, w)             x = r
+#   ista_residual_step(r, u, y, phi, w) x = r + u  (the model's `recon_r + naf_out`, fused into the next step)
+#   ista_init_step(y, Q, phi, w)        x = y @ Q.T (the model's first reconstruction, never stored)
+# and then `x - w * ((x @ phi.T - y) @ phi)`. x is rounded to the input dtype before the step, as the
+# unfused model stores it, so each fused op equals the unfused chain up to the step's own rounding.
+_MODES = {"step": 0, "residual": 1, "init": 2}
+ISTA_MAX_D = 64  # the kernels keep d per-token values on chip; larger d runs the reference
+# Rows per partial sum of grad_phi and grad_w. Fixed, so the reduction order (and result) does not
+# depend on the thread count or the backend's launch shape. Must match the kernels' argument.
+ISTA_PARTIAL_ROWS = 256
+
+
 def ista_step_reference(r, y, phi, w):
     """The spec: `r - w * ((r @ phi.T - y) @ phi)` in float32 (float64 for float64); dtype of r.
 
@@ -156,42 +174,235 @@ def ista_step_reference(r, y, phi, w):
     return (rf - w.to(acc).reshape(()) * ((rf @ pf.T - yf) @ pf)).to(r.dtype)
 
 
-def _check_ista_step(r, y, phi, w):
-    op = "ista_step"
-    check_tensor(op, "r", r, ndim=2, layout="(N, D)")
+def ista_residual_step_reference(r, u, y, phi, w):
+    """`ista_step(r + u, ...)`, with `r + u` rounded to the dtype of r. r, u: (N, D)."""
+    acc = acc_dtype(r.dtype)
+    return ista_step_reference((r.to(acc) + u.to(acc)).to(r.dtype), y, phi, w)
+
+
+def ista_init_step_reference(y, Q, phi, w):
+    """`ista_step(y @ Q.T, y, phi, w)`, with `y @ Q.T` rounded to the dtype of y. y: (N, d), Q: (D, d)."""
+    acc = acc_dtype(y.dtype)
+    return ista_step_reference((y.to(acc) @ Q.to(acc).T).to(y.dtype), y, phi, w)
+
+
+def _check_rows(op, name, t, n, big_d):
+    check_tensor(op, name, t, ndim=2, layout="(N, D)")
+    if tuple(t.shape) != (n, big_d):
+        raise ValueError(f"{op}: {name} must be (N, D) = ({n}, {big_d}), got shape {tuple(t.shape)}")
+
+
+def _check_step(op, y, phi, w, rows=(), q=None):
+    """Shared checks. rows: (name, tensor) pairs of (N, D) inputs; q: Q for ista_init_step."""
     check_tensor(op, "y", y, ndim=2, layout="(N, d)")
     check_tensor(op, "phi", phi, ndim=2, layout="(d, D)")
     check_scalar(op, "w", w)
-    check_same_device(op, [("r", r), ("y", y), ("phi", phi), ("w", w)])
-    n, big_d = r.shape
-    if phi.shape[1] != big_d:
-        raise ValueError(f"ista_step: phi must be (d, D) with D = r.shape[1] = {big_d}, got phi shape {tuple(phi.shape)}")
-    if tuple(y.shape) != (n, phi.shape[0]):
-        raise ValueError(f"ista_step: y must be (N, d) = ({n}, {phi.shape[0]}), got shape {tuple(y.shape)}")
-    for name, t in (("y", y), ("phi", phi)):
-        if t.dtype != r.dtype:
-            raise TypeError(f"ista_step: {name} has dtype {t.dtype} but r has dtype {r.dtype}; they must match")
+    named = list(rows) + [("y", y), ("phi", phi), ("w", w)] + ([("Q", q)] if q is not None else [])
+    for name, t in rows:
+        check_tensor(op, name, t, ndim=2, layout="(N, D)")
+    if q is not None:
+        check_tensor(op, "Q", q, ndim=2, layout="(D, d)")
+    check_same_device(op, named)
+    d, big_d = phi.shape
+    n = y.shape[0]
+    if rows:
+        first_name, first = rows[0]
+        n = first.shape[0]
+        if first.shape[1] != big_d:
+            raise ValueError(f"{op}: phi must be (d, D) with D = {first_name}.shape[1] = {first.shape[1]}, got phi shape {tuple(phi.shape)}")
+        for name, t in rows[1:]:
+            _check_rows(op, name, t, n, big_d)
+    if tuple(y.shape) != (n, d):
+        raise ValueError(f"{op}: y must be (N, d) = ({n}, {d}), got shape {tuple(y.shape)}")
+    if q is not None and tuple(q.shape) != (big_d, d):
+        raise ValueError(f"{op}: Q must be (D, d) = ({big_d}, {d}), got shape {tuple(q.shape)}")
+    ref_name, ref = rows[0] if rows else ("y", y)
+    for name, t in named:
+        if name not in ("w", ref_name) and t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
 
 
+def _check_ista_step(r, y, phi, w):
+    _check_step("ista_step", y, phi, w, rows=[("r", r)])
+
+
+def _check_ista_residual_step(r, u, y, phi, w):
+    _check_step("ista_residual_step", y, phi, w, rows=[("r", r), ("u", u)])
+
+
+def _check_ista_init_step(y, Q, phi, w):
+    _check_step("ista_init_step", y, phi, w, q=Q)
+
+
+# Backend implementations: fwd(mode, src, u, y, phi, w) -> out and
+# bwd(mode, grad, src, u, y, phi, w) -> (grad_x, grad_y, grad_phi, grad_w), where src is r (modes step
+# and residual) or Q (init), u is None outside the residual mode, grad_x is the gradient of x, and
+# grad_y covers only y's role as the measurement (the init mode's y @ Q.T term is added by the caller);
+# grad_y is returned in the accumulation dtype, so that sum is rounded once.
 _step_fwd = OpBackends("ista_step")
 _step_bwd = OpBackends("ista_step_backward")
+_REFERENCE_STEP = {0: ista_step_reference, 1: ista_residual_step_reference, 2: ista_init_step_reference}
+
+
+def _mode_inputs(mode, src, u, y, phi, w):
+    """Arguments of the mode's reference, in its order."""
+    return {0: (src, y, phi, w), 1: (src, u, y, phi, w), 2: (y, src, phi, w)}[mode]
 
 
 @_step_fwd.register("reference", ALL_DTYPES)
-def _(r, y, phi, w):
-    return ista_step_reference(r, y, phi, w)
+def _(mode, src, u, y, phi, w):
+    return _REFERENCE_STEP[mode](*_mode_inputs(mode, src, u, y, phi, w))
+
+
+def _x_of(mode, src, u, y):
+    """The step's input x as the fused kernels see it (used by the reference backward of mode 2)."""
+    acc = acc_dtype(y.dtype)
+    if mode == 2:
+        return (y.to(acc) @ src.to(acc).T).to(y.dtype)
+    if mode == 1:
+        return (src.to(acc) + u.to(acc)).to(src.dtype)
+    return src
 
 
 @_step_bwd.register("reference", ALL_DTYPES)
-def _(grad, r, y, phi, w):
-    gr, gy, gphi, gw = vjp(ista_step_reference, (r, y, phi, w), grad)
-    return gr.to(r.dtype), gy.to(y.dtype), gphi.to(phi.dtype), gw.to(w.dtype)
+def _(mode, grad, src, u, y, phi, w):
+    x = _x_of(mode, src, u, y)
+    acc = acc_dtype(y.dtype)
+    gx, gy, gphi, gw = vjp(ista_step_reference, (x.to(acc), y.to(acc), phi.to(acc), w), grad.to(acc))
+    return gx.to(x.dtype), gy, gphi.to(phi.dtype), gw.to(w.dtype)
 
 
+def _finish_grads(partials_phi, partials_w, phi, w):
+    """grad_phi = -w * sum(partials_phi), grad_w = -sum(partials_w), summed in a fixed order."""
+    wf = w.to(partials_phi.dtype).reshape(())
+    grad_phi = (partials_phi.sum(0) * -wf).to(phi.dtype)
+    return grad_phi, partials_w.sum().neg().to(w.dtype).reshape(w.shape)
+
+
+def _partials(n, d, big_d, device, dtype):
+    blocks = max(1, -(-n // ISTA_PARTIAL_ROWS))
+    acc = acc_dtype(dtype)
+    return torch.empty(blocks, d, big_d, device=device, dtype=acc), torch.empty(blocks, device=device, dtype=acc)
+
+
+def _native_step_impls(backend, dtypes):
+    @_step_fwd.register(backend, dtypes)
+    def _(mode, src, u, y, phi, w):
+        out = torch.empty(y.shape[0], phi.shape[1], device=y.device, dtype=y.dtype)
+        tensors = [src, y, phi, w, out] + ([u] if mode == 1 else [])
+        _native.run(backend, "ista_step_fwd", tensors, ints=[mode])
+        return out
+
+    @_step_bwd.register(backend, dtypes)
+    def _(mode, grad, src, u, y, phi, w):
+        grad_x = torch.empty_like(grad)
+        grad_y = torch.empty(y.shape, device=y.device, dtype=acc_dtype(y.dtype))
+        part_phi, part_w = _partials(grad.shape[0], phi.shape[0], phi.shape[1], grad.device, grad.dtype)
+        tensors = [grad, src, y, phi, w, grad_x, grad_y, part_phi, part_w] + ([u] if mode == 1 else [])
+        _native.run(backend, "ista_step_bwd", tensors, ints=[mode, ISTA_PARTIAL_ROWS])
+        return (grad_x, grad_y) + _finish_grads(part_phi, part_w, phi, w)
+
+
+_native_step_impls("cpu", ALL_DTYPES)
+_native_step_impls("cuda", GPU_DTYPES)
+
+
+@_step_fwd.register("triton", GPU_DTYPES)
+def _(mode, src, u, y, phi, w):
+    from ..triton.ista import ista_step_fwd
+
+    return ista_step_fwd(mode, src, u, y, phi, w)
+
+
+@_step_bwd.register("triton", GPU_DTYPES)
+def _(mode, grad, src, u, y, phi, w):
+    from ..triton.ista import ista_step_bwd
+
+    grad_x, grad_y, part_phi, part_w = ista_step_bwd(mode, grad, src, u, y, phi, w, ISTA_PARTIAL_ROWS)
+    return (grad_x, grad_y) + _finish_grads(part_phi, part_w, phi, w)
+
+
+# Shared memory the CUDA kernels may ask for (the largest opt-in of an A100 is 163 KiB, of an H100 227 KiB).
+_CUDA_MAX_SMEM = 160 * 1024
+
+
+def _cuda_smem_bytes(mode, d, big_d):
+    """Shared memory of the larger of the CUDA forward and backward launches (csrc/cuda/ista_step.cu: plan)."""
+    def cdiv(a, b):
+        return -(-a // b)
+
+    warps = cdiv(cdiv(big_d, 4), 32)  # 4 columns per thread, whole warps
+    d4 = warps * 32 * 4
+    tables = 2 if mode == 2 else 1
+    fwd_dp, fwd_rows = (4, 8) if d <= 4 else (cdiv(d, 8) * 8, 4)
+    bwd_dp, bwd_rows = cdiv(d, 4) * 4, 8
+    return max((dp * d4 * tables + warps * dp * rows + 2 * rows * dp + warps) * 4
+               for dp, rows in ((fwd_dp, fwd_rows), (bwd_dp, bwd_rows)))
+
+
+def _shape_support(backend, mode, d, big_d):
+    """(ok, reason): whether `backend`'s kernels handle this d and D (every backend handles the dtypes it registers)."""
+    if backend == "reference":
+        return True, ""
+    if d > ISTA_MAX_D:
+        return False, f"the fused kernels support d <= {ISTA_MAX_D}, got d = {d}"
+    if backend == "triton" and big_d > 4096:
+        return False, f"the triton kernels hold a token row on chip and support D <= 4096, got D = {big_d}"
+    if backend == "cuda":
+        if big_d > 4096:
+            return False, f"the cuda kernels give each of at most 1024 threads 4 columns: D <= 4096, got D = {big_d}"
+        smem = _cuda_smem_bytes(mode, d, big_d)
+        if smem > _CUDA_MAX_SMEM:
+            return False, f"the cuda kernels hold phi{' and Q' if mode == 2 else ''} in shared memory: d = {d}, D = {big_d} needs {smem} bytes, more than {_CUDA_MAX_SMEM}"
+    return True, ""
+
+
+def _choose_backend(requested, device, dtype, mode, n, d, big_d):
+    """The backend to run: `requested`, or for "auto" the first in the auto order that can run this shape."""
+    if min(n, d, big_d) == 0:
+        return "reference"  # empty problems: nothing for a kernel to do, the reference returns the right shapes
+    if requested == "auto":
+        for backend in _AUTO_ORDER.get(device.type, ("reference",)):
+            if _step_fwd.status(backend, device.type, dtype)[0] and _shape_support(backend, mode, d, big_d)[0]:
+                return backend
+        return "reference"
+    ok, reason = _shape_support(requested, mode, d, big_d)
+    if not ok:
+        raise BackendUnavailable(f"ista_step: backend {requested!r} is not available: {reason}")
+    return requested
+
+
+def _prepare(t):
+    """Rows may have any row stride; elements within a row must be unit-stride (else copied once)."""
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+
+
+def _run_fwd(backend, mode, src, u, y, phi, w):
+    n, big_d, d = y.shape[0], phi.shape[1], phi.shape[0]
+    chosen = _choose_backend(backend, y.device, y.dtype, mode, n, d, big_d)
+    if chosen != "reference":
+        src = src.contiguous() if mode == 2 else _prepare(src)
+        u = _prepare(u) if u is not None else None
+        y, phi = _prepare(y), phi.contiguous()
+    return _step_fwd(chosen, y.device, y.dtype, mode, src, u, y, phi, w)
+
+
+def _run_bwd(backend, mode, grad, src, u, y, phi, w):
+    n, big_d, d = y.shape[0], phi.shape[1], phi.shape[0]
+    grad = grad.to(y.dtype)
+    chosen = _choose_backend(backend, y.device, y.dtype, mode, n, d, big_d)
+    if chosen != "reference":
+        src = src.contiguous() if mode == 2 else _prepare(src)
+        u = _prepare(u) if u is not None else None
+        grad, y, phi = _prepare(grad), _prepare(y), phi.contiguous()
+    return _step_bwd(chosen, y.device, y.dtype, mode, grad, src, u, y, phi, w)
+
+
+# ------------------------------------------------------------------ ista_step: the registered op
 @torch.library.custom_op("leanvae::ista_step", mutates_args=())
 def _ista_step_op(r: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
     _check_ista_step(r, y, phi, w)
-    return _step_fwd(backend, r.device, r.dtype, r, y, phi, w)
+    return _run_fwd(backend, 0, r, None, y, phi, w)
 
 
 @_ista_step_op.register_fake
@@ -204,7 +415,8 @@ def _(r, y, phi, w, backend):
 def _ista_step_backward_op(
     grad: torch.Tensor, r: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_step_bwd(backend, r.device, r.dtype, grad, r, y, phi, w))
+    gr, gy, gphi, gw = _run_bwd(backend, 0, grad, r, None, y, phi, w)
+    return gr, gy.to(y.dtype), gphi, gw
 
 
 @_ista_step_backward_op.register_fake
@@ -234,3 +446,126 @@ def ista_step(r, y, phi, w, *, backend=None):
     """
     _check_ista_step(r, y, phi, w)
     return torch.ops.leanvae.ista_step(r, y, phi, w, resolve(backend))
+
+
+# --------------------------------------------------------- ista_residual_step: residual add + step
+@torch.library.custom_op("leanvae::ista_residual_step", mutates_args=())
+def _ista_residual_step_op(
+    r: torch.Tensor, u: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str
+) -> torch.Tensor:
+    _check_ista_residual_step(r, u, y, phi, w)
+    return _run_fwd(backend, 1, r, u, y, phi, w)
+
+
+@_ista_residual_step_op.register_fake
+def _(r, u, y, phi, w, backend):
+    _check_ista_residual_step(r, u, y, phi, w)
+    return r.new_empty(r.shape)
+
+
+@torch.library.custom_op("leanvae::ista_residual_step_backward", mutates_args=())
+def _ista_residual_step_backward_op(
+    grad: torch.Tensor, r: torch.Tensor, u: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, w: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (grad_x, grad_y, grad_phi, grad_w); grad_x is the gradient of both r and u."""
+    gx, gy, gphi, gw = _run_bwd(backend, 1, grad, r, u, y, phi, w)
+    return gx, gy.to(y.dtype), gphi, gw
+
+
+@_ista_residual_step_backward_op.register_fake
+def _(grad, r, u, y, phi, w, backend):
+    return r.new_empty(r.shape), y.new_empty(y.shape), phi.new_empty(phi.shape), w.new_empty(w.shape)
+
+
+def _residual_setup(ctx, inputs, output):
+    r, u, y, phi, w, backend = inputs
+    ctx.save_for_backward(r, u, y, phi, w)
+    ctx.backend = backend
+
+
+def _residual_backward(ctx, grad):
+    r, u, y, phi, w = ctx.saved_tensors
+    gx, gy, gphi, gw = torch.ops.leanvae.ista_residual_step_backward(grad, r, u, y, phi, w, ctx.backend)
+    return gx, gx.to(u.dtype), gy, gphi, gw, None
+
+
+_ista_residual_step_op.register_autograd(_residual_backward, setup_context=_residual_setup)
+
+
+def ista_residual_step(r, u, y, phi, w, *, backend=None):
+    """The residual add and the next ISTA step in one pass: `ista_step(r + u, y, phi, w)`.
+
+    r, u: (N, D) (the model's `recon_r` and NAF output), y: (N, d), phi: (d, D), all of one dtype;
+    w: one element. `r + u` is rounded to the dtype before the step, as the unfused model stores it.
+    """
+    _check_ista_residual_step(r, u, y, phi, w)
+    return torch.ops.leanvae.ista_residual_step(r, u, y, phi, w, resolve(backend))
+
+
+# -------------------------------------------------------------- ista_init_step: y @ Q.T + step
+@torch.library.custom_op("leanvae::ista_init_step", mutates_args=())
+def _ista_init_step_op(y: torch.Tensor, Q: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
+    _check_ista_init_step(y, Q, phi, w)
+    return _run_fwd(backend, 2, Q, None, y, phi, w)
+
+
+@_ista_init_step_op.register_fake
+def _(y, Q, phi, w, backend):
+    _check_ista_init_step(y, Q, phi, w)
+    return y.new_empty((y.shape[0], phi.shape[1]))
+
+
+@torch.library.custom_op("leanvae::ista_init_step_backward", mutates_args=())
+def _ista_init_step_backward_op(
+    grad: torch.Tensor, y: torch.Tensor, Q: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (grad_y, grad_Q, grad_phi, grad_w)."""
+    gx, gy, gphi, gw = _run_bwd(backend, 2, grad, Q, None, y, phi, w)
+    # x = y @ Q.T: its gradient reaches y and Q through two thin GEMMs over the (N, D) grad_x, with float32
+    # results, so that each gradient is rounded once.
+    gy = (gy + _mm_acc(gx, Q.to(gx.dtype))).to(y.dtype)
+    gq = _mm_acc(gx.t(), y.to(gx.dtype)).to(Q.dtype)
+    return gy, gq, gphi, gw
+
+
+def _mm_acc(a, b):
+    """a @ b with the result in the accumulation dtype (float32 from 16-bit inputs without an extra copy on
+    CUDA), never in an autocast dtype (a backward run inside torch.autocast would otherwise round it)."""
+    acc = acc_dtype(a.dtype)
+    with torch.autocast(a.device.type, enabled=False):
+        if a.dtype == acc:
+            return torch.mm(a, b)
+        if a.is_cuda:
+            return torch.mm(a, b, out_dtype=acc)
+        return torch.mm(a.to(acc), b.to(acc))
+
+
+@_ista_init_step_backward_op.register_fake
+def _(grad, y, Q, phi, w, backend):
+    return y.new_empty(y.shape), Q.new_empty(Q.shape), phi.new_empty(phi.shape), w.new_empty(w.shape)
+
+
+def _init_setup(ctx, inputs, output):
+    y, Q, phi, w, backend = inputs
+    ctx.save_for_backward(y, Q, phi, w)
+    ctx.backend = backend
+
+
+def _init_backward(ctx, grad):
+    y, Q, phi, w = ctx.saved_tensors
+    gy, gq, gphi, gw = torch.ops.leanvae.ista_init_step_backward(grad, y, Q, phi, w, ctx.backend)
+    return gy, gq, gphi, gw, None
+
+
+_ista_init_step_op.register_autograd(_init_backward, setup_context=_init_setup)
+
+
+def ista_init_step(y, Q, phi, w, *, backend=None):
+    """The model's first reconstruction and first ISTA step in one pass: `ista_step(y @ Q.T, y, phi, w)`.
+
+    y: (N, d), Q: (D, d), phi: (d, D), all of one dtype; w: one element. Returns (N, D). `y @ Q.T` is
+    rounded to the dtype before the step, as the unfused model stores it; it never goes through memory.
+    """
+    _check_ista_init_step(y, Q, phi, w)
+    return torch.ops.leanvae.ista_init_step(y, Q, phi, w, resolve(backend))
