@@ -181,7 +181,7 @@ def test_strided_latent_input(backend):
 
 def test_bind_onto_model_instance():
     """fused_ista_recon / fused_ista_forward bound onto the model's own ISTA: keys, repr and parameters
-    unchanged, results those of FusedISTA."""
+    unchanged, results those of FusedISTA (whose NAF children run the fused conv, so equal to rounding)."""
     ref, fused = make_pair(4)
     keys, text = list(ref.state_dict()), repr(ref)
     params = [p.data_ptr() for p in ref.parameters()]
@@ -192,8 +192,8 @@ def test_bind_onto_model_instance():
     ref.forward = types.MethodType(fused_ista_forward, ref)
     assert list(ref.state_dict()) == keys and repr(ref) == text
     assert [p.data_ptr() for p in ref.parameters()] == params
-    assert torch.equal(ref.recon(y), fused.recon(y))
-    assert torch.equal(ref(x), fused(x))
+    assert_close(ref.recon(y), fused.recon(y), torch.float32)
+    assert_close(ref(x), fused(x), torch.float32)
     assert_close(ref.recon(y), expected_recon, torch.float32)
 
 
