@@ -76,22 +76,26 @@ def is_ista(m):
 
 
 # ---------------------------------------------------------------------------------- what replaces what
-# group -> [(matcher, method name, "module:function" of the fused implementation, op used)]
-_PLAN = {
-    "haar": [
-        (is_patcher, "forward", "leanvae_kernels.nn.haar:fused_patcher_forward", "haar_patch"),
-        (is_unpatcher, "forward", "leanvae_kernels.nn.haar:fused_unpatcher_forward", "haar_unpatch"),
-    ],
-    "conv": [
-        (is_resnaf, "forward", "leanvae_kernels.nn.peg3d:fused_resnaf_forward", "causal_dwconv3d"),
-        (is_naf, "forward", "leanvae_kernels.nn.peg3d:fused_naf_forward", "causal_dwconv3d"),
-        (is_peg3d, "forward", "leanvae_kernels.nn.peg3d:fused_peg3d_forward", "causal_dwconv3d"),
-    ],
-    "ista": [
-        # sample is one matmul that already reads x once; forward calls self.recon, so recon is enough.
-        (is_ista, "recon", "leanvae_kernels.nn.ista:fused_ista_recon", "ista_step"),
-    ],
-}
+def _when(group):
+    return lambda on: {} if on[group] else None
+
+
+def _naf_flags(on):
+    """NAF/ResNAF forwards serve two groups: the fused conv and the padded-GEMM feed-forward."""
+    return {"conv": on["conv"], "ffd": on["ffd"]} if on["conv"] or on["ffd"] else None
+
+
+# (matcher, method, "module:function" of the fused implementation, op it needs or None, flags(on) -> the
+# keyword arguments to bind, or None when the entry is off for the groups switched on)
+_PLAN = [
+    (is_patcher, "forward", "leanvae_kernels.nn.haar:fused_patcher_forward", "haar_patch", _when("haar")),
+    (is_unpatcher, "forward", "leanvae_kernels.nn.haar:fused_unpatcher_forward", "haar_unpatch", _when("haar")),
+    (is_resnaf, "forward", "leanvae_kernels.nn.peg3d:fused_resnaf_forward", "causal_dwconv3d", _naf_flags),
+    (is_naf, "forward", "leanvae_kernels.nn.peg3d:fused_naf_forward", "causal_dwconv3d", _naf_flags),
+    (is_peg3d, "forward", "leanvae_kernels.nn.peg3d:fused_peg3d_forward", "causal_dwconv3d", _when("conv")),
+    # sample is one matmul that already reads x once; forward calls self.recon, so recon is enough.
+    (is_ista, "recon", "leanvae_kernels.nn.ista:fused_ista_recon", "ista_step", _when("ista")),
+]
 
 
 def _load(path):
@@ -105,12 +109,12 @@ def _load(path):
     return (fn, "") if fn is not None else (None, f"{path} not found")
 
 
-def _bind_backend(fn, backend):
-    """A plain function `(self, *args)` calling fn with a fixed backend (compile-friendly: no partials)."""
+def _bind_backend(fn, backend, flags):
+    """A plain function `(self, *args)` calling fn with a fixed backend and flags (compile-friendly)."""
 
     @functools.wraps(fn)
     def method(self, *args, **kwargs):
-        return fn(self, *args, backend=backend, **kwargs)
+        return fn(self, *args, backend=backend, **flags, **kwargs)
 
     method.__leanvae_fused__ = True
     return method
@@ -170,43 +174,49 @@ class FusedKernelsHandle:
         return "\n".join(lines)
 
 
-def _groups(haar, conv, ista):
-    return [g for g, on in (("haar", haar), ("conv", conv), ("ista", ista)) if on]
+def _describe_flags(flags):
+    on = [k for k, v in flags.items() if v]
+    return f" ({', '.join(on)})" if flags else ""
 
 
-def use_fused_kernels(model=None, *, backend="auto", haar=True, conv=True, ista=True):
+def use_fused_kernels(model=None, *, backend="auto", haar=True, conv=True, ista=True, ffd=True):
     """Switch `model` (an nn.Module: our LeanVAE, the published one, or any module holding such parts)
     to the fused kernels; with `model=None`, switch our reference classes (every LeanVAE built from them).
 
     backend: "auto", "cuda", "triton", "cpu" or "reference"; an explicit backend that cannot run the
-    model's ops on its device/dtype raises BackendUnavailable. haar/conv/ista: which groups to switch.
+    model's ops on its device/dtype raises BackendUnavailable. haar/conv/ista: which op groups to switch;
+    ffd: the feed-forward with padded GEMMs and the residual folded in (torch's GEMMs, no custom kernel).
     Returns a FusedKernelsHandle: `.revert()` restores exactly; `.replaced` lists what was switched.
     """
     backend = _backend._validate(backend)
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"use_fused_kernels: model must be an nn.Module or None, got {type(model).__name__}")
+    on = {"haar": bool(haar), "conv": bool(conv), "ista": bool(ista), "ffd": bool(ffd)}
     handle = FusedKernelsHandle(backend)
     plan = []
-    for group in _groups(haar, conv, ista):
-        for matcher, method, path, op_name in _PLAN[group]:
-            fn, why = _load(path)
-            if fn is None:
-                handle.skipped.append(f"{group}: {why}")
-                continue
-            plan.append((matcher, method, fn, op_name))
+    for matcher, method, path, op_name, flags_of in _PLAN:
+        flags = flags_of(on)
+        if flags is None:
+            continue
+        fn, why = _load(path)
+        if fn is None:
+            handle.skipped.append(why)
+            continue
+        needs_op = op_name if (op_name != "causal_dwconv3d" or on["conv"]) else None
+        plan.append((matcher, method, fn, needs_op, flags))
 
     if model is not None:
         param = next(model.parameters(), None)
         if param is not None:
-            _check_backend_can_run(backend, {p[3] for p in plan}, param.device, param.dtype)
+            _check_backend_can_run(backend, {p[3] for p in plan if p[3]}, param.device, param.dtype)
         for name, module in model.named_modules():
             taken = set()
-            for matcher, method, fn, _ in plan:
+            for matcher, method, fn, _, flags in plan:
                 if method in taken or not matcher(module):
                     continue
                 taken.add(method)
-                label = f"{name or '<model>'}: {type(module).__name__}.{method} -> {fn.__name__}"
-                handle._set(module, method, types.MethodType(_bind_backend(fn, backend), module), label)
+                label = f"{name or '<model>'}: {type(module).__name__}.{method} -> {fn.__name__}{_describe_flags(flags)}"
+                handle._set(module, method, types.MethodType(_bind_backend(fn, backend, flags), module), label)
         return handle
 
     if backend not in ("auto", "reference"):
@@ -222,11 +232,12 @@ def use_fused_kernels(model=None, *, backend="auto", haar=True, conv=True, ista=
     for cls in classes:
         probe = _probe_instance(cls)
         taken = set()
-        for matcher, method, fn, _ in plan:
+        for matcher, method, fn, _, flags in plan:
             if method in taken or not matcher(probe):
                 continue
             taken.add(method)
-            handle._set(cls, method, _bind_backend(fn, backend), f"{cls.__module__}.{cls.__name__}.{method} -> {fn.__name__}")
+            label = f"{cls.__module__}.{cls.__name__}.{method} -> {fn.__name__}{_describe_flags(flags)}"
+            handle._set(cls, method, _bind_backend(fn, backend, flags), label)
     return handle
 
 

@@ -268,7 +268,15 @@ def test_bad_arguments(model):
 
 
 def test_groups_can_be_switched_separately(model):
-    with use_fused_kernels(model, haar=False, ista=False) as h:
+    x = clip()
+    ref = all_outputs(model, x)
+    with use_fused_kernels(model, haar=False, ista=False, ffd=False) as h:
         assert _count(h, "PEG3D") > 0 and _count(h, ": Patcher") == 0 and _count(h, "ISTA") == 0
+        assert _count(h, "(conv)") == 10 and _count(h, "ffd") == 0
     with use_fused_kernels(model, conv=False, ista=False) as h:
-        assert _count(h, ": Patcher.forward") == 1 and _count(h, "PEG3D") == 0
+        assert _count(h, ": Patcher.forward") == 1 and _count(h, "PEG3D") == 0 and _count(h, "(ffd)") == 10
+        out = all_outputs(model, x)  # fused feed-forward and Haar with the reference conv
+    for k in ref:
+        assert rel(out[k], ref[k]) < 1e-4, k
+    with use_fused_kernels(model, haar=False, conv=False, ista=False, ffd=False) as h:
+        assert h.replaced == []

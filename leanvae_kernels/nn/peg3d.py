@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..ops.causal_conv import causal_dwconv3d
+from .ffd import ffd_apply
 
 CACHE_ATTR = "fused_causal_cache"
 
@@ -82,19 +83,23 @@ def fused_peg3d_forward(self, x, backend=None):
     return _peg_call(self, x, residual=False, backend=backend)
 
 
-def fused_naf_forward(self, x, backend=None):
-    """NAF.forward: for each layer, x = dconv_layer[i](x); x = ffd_layer[i](x)."""
+def fused_naf_forward(self, x, backend=None, conv=True, ffd=True):
+    """NAF.forward: for each layer, x = dconv_layer[i](x); x = ffd_layer[i](x). `conv`: the fused conv;
+    `ffd`: the padded-GEMM feed-forward (nn/ffd.py); either off runs the layer's own module."""
     for i in range(self.num_layer):
-        x = _peg_call(self.dconv_layer[i], x, residual=False, backend=backend)
-        x = self.ffd_layer[i](x)
+        peg = self.dconv_layer[i]
+        x = _peg_call(peg, x, residual=False, backend=backend) if conv else peg(x)
+        x = ffd_apply(self.ffd_layer[i], x) if ffd else self.ffd_layer[i](x)
     return x
 
 
-def fused_resnaf_forward(self, x, backend=None):
-    """ResNAF.forward: for each layer, x = x + dconv_layer[i](x) (fused); x = x + ffd_layer[i](x)."""
+def fused_resnaf_forward(self, x, backend=None, conv=True, ffd=True):
+    """ResNAF.forward: for each layer, x = x + dconv_layer[i](x) (residual fused into the conv);
+    x = x + ffd_layer[i](x) (residual fused into the feed-forward's second GEMM)."""
     for i in range(self.num_layer):
-        x = _peg_call(self.dconv_layer[i], x, residual=True, backend=backend)
-        x = x + self.ffd_layer[i](x)
+        peg = self.dconv_layer[i]
+        x = _peg_call(peg, x, residual=True, backend=backend) if conv else x + peg(x)
+        x = ffd_apply(self.ffd_layer[i], x, residual=True) if ffd else x + self.ffd_layer[i](x)
     return x
 
 
