@@ -92,29 +92,36 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device, repeats, warmup):
-    """(median seconds, peak bytes above the starting allocation, last output) of fn()."""
-    for _ in range(warmup):
-        out = fn()
+def timed(fn, device):
+    """(seconds, output) of one call of fn()."""
     _sync(device)
-    times = []
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def peak_memory(fn, device):
+    """Peak bytes above the starting allocation during one untimed call of fn().
+
+    CUDA: the caching allocator's peak. CPU: resident memory sampled by a thread (never while timing:
+    it preempts the compute threads), after returning glibc's free heap to the system."""
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        with _PeakRSS() as mem:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                out = fn()
-                times.append(time.perf_counter() - t0)
-        peak = mem.used
-    return statistics.median(times), peak, out
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with _PeakRSS() as mem:
+        fn()
+    return mem.used
 
 
 def errors(actual, expected):
@@ -163,45 +170,53 @@ def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, la
     is_image = frames == 1
     x_in = clip[:, :, 0] if is_image else clip
 
-    variants = [("reference", False, False), ("fused", True, False)]
+    # Each variant has its own model (the fused one patched for the whole run), so the timed repeats can
+    # interleave the variants: this machine's speed drifts, and interleaving spreads the drift over all.
+    fused_model = copy.deepcopy(model)
+    handle = use_fused_kernels(fused_model, backend=backend)
+    torch._dynamo.reset()
+    variants = {"reference": (model.encode, model.decode), "fused": (fused_model.encode, fused_model.decode)}
     if compile:
-        variants += [("compile(reference)", False, True), ("compile(fused)", True, True)]
-    steps = len(variants) * 2
-    results, outputs = {}, {}
+        variants["compile(reference)"] = (torch.compile(model.encode), torch.compile(model.decode))
+        variants["compile(fused)"] = (torch.compile(fused_model.encode), torch.compile(fused_model.decode))
     started = time.perf_counter()
-    step = 0
-    z_ref = None
-    handle = None
-    for name, fused, compiled in variants:
-        if handle is not None:
-            handle.revert()
-            handle = None
-        if fused:
-            handle = use_fused_kernels(model, backend=backend)
-        torch._dynamo.reset()
-        enc = torch.compile(model.encode) if compiled else model.encode
-        dec = torch.compile(model.decode) if compiled else model.decode
-        row = {}
-        with torch.no_grad():
+
+    def say(msg):
+        if progress:
+            print(f"{msg} ... ({time.perf_counter() - started:.0f} s elapsed)", file=sys.stderr, flush=True)
+
+    outputs = {name: {} for name in variants}
+    times = {name: {"encode": [], "decode": []} for name in variants}
+    peaks = {name: {} for name in variants}
+    calls = {}
+    with torch.no_grad():
+        for name, (enc, dec) in variants.items():
+            say(f"{name}: warm-up{' and compilation' if name.startswith('compile') else ''}")
+            for _ in range(max(1, warmup)):
+                outputs[name]["z"] = enc(x_in)
+        z_in = outputs["reference"]["z"]  # every variant decodes the same latent
+        for name, (enc, dec) in variants.items():
+            for _ in range(max(1, warmup)):
+                outputs[name]["x"] = dec(z_in, is_image=is_image)
+            calls[name] = {"encode": lambda enc=enc: enc(x_in), "decode": lambda dec=dec: dec(z_in, is_image=is_image)}
+        for r in range(repeats):
+            say(f"timing round {r + 1}/{repeats}")
             for phase in ("encode", "decode"):
-                step += 1
-                if progress:
-                    print(f"[{step}/{steps}] {name} {phase} ... ({time.perf_counter() - started:.0f} s elapsed)",
-                          file=sys.stderr, flush=True)
-                if phase == "encode":
-                    fn = lambda: enc(x_in)  # noqa: E731
-                else:
-                    z_in = z_ref if z_ref is not None else outputs["reference"]["z"]
-                    fn = lambda: dec(z_in, is_image=is_image)  # noqa: E731
-                seconds, peak, out = measure(fn, device, repeats, warmup)
-                row[phase] = {"seconds": seconds, "peak_bytes": peak}
-                outputs.setdefault(name, {})["z" if phase == "encode" else "x"] = out
-                if name == "reference" and phase == "encode":
-                    z_ref = out
+                for name in variants:
+                    seconds, out = timed(calls[name][phase], device)
+                    times[name][phase].append(seconds)
+                    outputs[name]["z" if phase == "encode" else "x"] = out
+        say("peak memory")
+        for name in variants:
+            for phase in ("encode", "decode"):
+                peaks[name][phase] = peak_memory(calls[name][phase], device)
+    handle.revert()
+    results = {}
+    for name in variants:
+        row = {phase: {"seconds": statistics.median(times[name][phase]), "all_seconds": times[name][phase],
+                       "peak_bytes": peaks[name][phase]} for phase in ("encode", "decode")}
         row["total_seconds"] = row["encode"]["seconds"] + row["decode"]["seconds"]
         results[name] = row
-    if handle is not None:
-        handle.revert()
 
     ref = outputs["reference"]
     exact = None
