@@ -95,3 +95,18 @@ def test_fallbacks_run_the_module_itself():
     other = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 64)).to(DEVICE)
     assert not is_ffd(other)
     assert torch.equal(ffd_apply(other, x), other(x))
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_inference_chunks_equal_one_pass(residual):
+    """Without autograd the tokens run in chunks (here forced small, with a ragged last chunk, on strided
+    input): the same numbers as one pass, and as the model."""
+    m = make(128)
+    x = torch.randn(7, 2, 23, 128, device=DEVICE).transpose(0, 1)  # 322 tokens, not contiguous
+    with torch.no_grad():
+        ref = x + m(x) if residual else m(x)
+        whole = ffd_apply(m, x, residual, chunk_bytes=1 << 30)
+        chunked = ffd_apply(m, x, residual, chunk_bytes=50 * 2 * 352 * 4)  # 50 tokens a chunk
+    assert chunked.shape == ref.shape and chunked.is_contiguous()
+    assert_close(chunked, whole, torch.float32)
+    assert_close(chunked, ref, torch.float32)
