@@ -16,7 +16,11 @@ from collections import OrderedDict
 def _git_commit():
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        code = ["leanvae", "leanvae_kernels", "csrc", "setup.py", "benchmarks/harness.py", "benchmarks/conftest.py"]
+        code += [os.path.join("benchmarks", f) for f in os.listdir(os.path.dirname(__file__) or ".") if f.startswith("test_")]
+        # Only the code counts: results and docs written after a run do not make it "uncommitted".
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *code],
+                               capture_output=True, text=True).stdout.strip()
         return rev + ("+uncommitted" if dirty else "")
     except Exception:
         return "unknown"
