@@ -12,10 +12,42 @@ import os
 def _import():
     try:
         import triton  # noqa: F401
-
-        return triton, None
     except Exception as exc:  # ImportError, or a broken install
         return None, f"triton is not importable ({exc.__class__.__name__}: {exc}); pip install triton"
+    if interpreting():
+        _interpreter_bool_masks()
+    return triton, None
+
+
+def _interpreter_bool_masks():
+    """Triton's interpreter (seen in 3.6 and 3.9) stores `tensor_mask & scalar_condition` as int32 data
+    although its type is int1; 3.9 then rejects it as a load/store mask ("mask has unsupported dtype").
+    On a GPU such a mask is i1. Give the interpreter's masked load/store the boolean they expect (nonzero
+    is true, as for i1); bool masks pass through untouched. Only under TRITON_INTERPRET=1."""
+    try:
+        import numpy as np
+        from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+    except Exception:  # another interpreter layout: leave it alone
+        return
+    if getattr(InterpreterBuilder, "_leanvae_bool_masks", False):
+        return
+
+    def as_bool(mask):
+        if isinstance(mask, TensorHandle) and mask.data.dtype != np.bool_:
+            return TensorHandle(mask.data != 0, mask.dtype)
+        return mask
+
+    load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+
+    def create_masked_load(self, ptrs, mask, *args, **kwargs):
+        return load(self, ptrs, as_bool(mask), *args, **kwargs)
+
+    def create_masked_store(self, ptrs, value, mask, *args, **kwargs):
+        return store(self, ptrs, value, as_bool(mask), *args, **kwargs)
+
+    InterpreterBuilder.create_masked_load = create_masked_load
+    InterpreterBuilder.create_masked_store = create_masked_store
+    InterpreterBuilder._leanvae_bool_masks = True
 
 
 def interpreting():
