@@ -25,6 +25,7 @@ import leanvae
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "published_golden.pt")
 SMALL = dict(embedding_dim=32, latent_dim=4, l_dim=8, h_dim=24, sep_num_layer=1, fusion_num_layer=2,
              ista_iter_num=2, ista_layer_num=1, use_tile_inference=False, chunksize_enc=5, chunksize_dec=2)
+GOLDEN_REL_BOUND = 1e-5  # max |ours - published| / max |published|, across CPUs (see the test)
 VIDEO_SHAPES = [(1, 3, 17, 16, 24), (2, 3, 5, 16, 16)]
 IMAGE_SHAPE = (1, 3, 16, 24)
 
@@ -131,8 +132,36 @@ def test_golden_fixture_matches_published_outputs():
     ours = run_model(model)
     assert sorted(ours) == sorted(fixture["outputs"])
     for k, expected in fixture["outputs"].items():
-        # Same operations in the same order: equal up to float32 rounding (bitwise on the machine that wrote it).
-        torch.testing.assert_close(ours[k], expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        # Same operations in the same order, but possibly another CPU: the fixture was written on one
+        # machine, and torch's float32 GEMMs pick a kernel by CPU capability (AVX2 / AVX-512), which
+        # changes the order of the K-term sums and so the last bits. The outputs are therefore judged
+        # relative to their own scale, not element by element: max|ours - published| / max|published|.
+        # Measured: 0 on the AVX2 machine that wrote the fixture, up to 1.0e-6 (about 9 float32 ulps of
+        # the largest output) on an AVX-512 machine. The bound, 1e-5 (~84 ulps), leaves room for other
+        # GEMM kernels through the ~20 layers of GEMMs and convolutions, and is still 10x tighter than the
+        # fused model's own bound (1e-4) and far below what a real difference causes (one wrong tap,
+        # coefficient or layer order gives 1e-3 or more). Same-machine comparisons stay bitwise
+        # (test_live_against_published_default_config, the tiling and checkpoint tests).
+        assert ours[k].shape == expected.shape and ours[k].dtype == expected.dtype, k
+        assert torch.isfinite(ours[k]).all(), k
+        scale = expected.abs().max().item()
+        err = (ours[k] - expected).abs().max().item()
+        assert err <= GOLDEN_REL_BOUND * scale, f"{k}: max |diff| {err:.3e} > {GOLDEN_REL_BOUND:g} x max |published| ({scale:.3e})"
+
+
+def test_golden_bound_catches_a_small_real_difference():
+    """The cross-CPU bound must still fail a model that differs for real: one PEG3D tap 1% off."""
+    fixture = torch.load(FIXTURE, weights_only=True)
+    model = leanvae.LeanVAE(argparse.Namespace(**fixture["config"])).eval()
+    sd = seeded_weights(model)
+    key = "encoder.low_layer.dconv_layer.0.ds_conv.weight"  # a depthwise 3x3x3 conv on the encode path
+    sd[key] = sd[key].clone()
+    sd[key][0, 0, 2, 1, 1] *= 1.01
+    model.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        z = model.encode(inputs()[0][0].clone())
+    expected = fixture["outputs"]["video0.encode"]
+    assert (z - expected).abs().max().item() > GOLDEN_REL_BOUND * expected.abs().max().item()
 
 
 PUBLISHED_SRC = os.environ.get("LEANVAE_PUBLISHED_SRC")
