@@ -27,7 +27,8 @@ using PyTensor = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<in
 
 #ifdef LEANVAE_WITH_CUDA
 namespace leanvae {
-std::string cuda_runtime_info();  // defined in cuda/runtime_info.cu
+std::string cuda_runtime_info();                          // defined in cuda/runtime_info.cu
+void call_on_device(KernelFn fn, const KernelArgs& args);  // likewise: runs fn under a device guard
 }
 #endif
 
@@ -72,7 +73,11 @@ PYBIND11_MODULE(LEANVAE_MODULE_NAME, m) {
         args.device = device;
         args.num_threads = num_threads < 1 ? 1 : num_threads;
         py::gil_scoped_release release;
+#ifdef LEANVAE_WITH_CUDA
+        call_on_device(fn, args);
+#else
         fn(args);
+#endif
       },
       py::arg("name"), py::arg("tensors"), py::arg("ints"), py::arg("floats"), py::arg("stream"), py::arg("device"),
       py::arg("num_threads"));

@@ -156,10 +156,15 @@ class OpBackends:
 
     def __call__(self, requested, device, dtype, *args):
         fn = self.select(requested, device, dtype)
-        # Each implementation fixes its own precision (inputs' dtype, float32 accumulation): the caller's
-        # autocast must not reach the torch ops inside (the references' matmuls and convolutions).
         device_type = device.type if isinstance(device, torch.device) else str(device)
-        if torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                return fn(*args)
-        return fn(*args)
+        with contextlib.ExitStack() as stack:
+            if device_type == "cuda":
+                # The one device guard of the op library: Triton launchers and torch calls inside an
+                # implementation run on the tensors' device (cuda:1 while cuda:0 is current), and the
+                # caller's current device is restored on the way out.
+                stack.enter_context(torch.cuda.device(device))
+            # Each implementation fixes its own precision (inputs' dtype, float32 accumulation): the
+            # caller's autocast must not reach the torch ops inside (the references' matmuls and convolutions).
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args)

@@ -55,8 +55,36 @@ struct DeviceScalar {
   }
 };
 
+// Makes `device` current for its scope and restores the caller's current device on exit (also when a
+// launch throws), so that a kernel call on cuda:1 never leaves torch's thread on cuda:1 (issue 13, item 9).
+// bindings.cpp holds one around every call into this module; set_device() below is then a no-op.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    LEANVAE_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (device != previous_) {
+      LEANVAE_CUDA_CHECK(cudaSetDevice(device));
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);  // a destructor must not throw; the next CUDA call reports errors
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+// Called by each launcher; inside the DeviceGuard of the module's entry point the device is already
+// current, so this only ever sets it when a launcher is called some other way (and then the caller owns
+// the restore).
 inline void set_device(const KernelArgs& args) {
-  LEANVAE_CUDA_CHECK(cudaSetDevice(args.device));
+  int current = -1;
+  LEANVAE_CUDA_CHECK(cudaGetDevice(&current));
+  if (current != args.device) LEANVAE_CUDA_CHECK(cudaSetDevice(args.device));
 }
 
 inline cudaStream_t stream_of(const KernelArgs& args) { return static_cast<cudaStream_t>(args.stream); }

@@ -19,4 +19,11 @@ std::string cuda_runtime_info() {
   return s;
 }
 
+// The module's one entry into the kernels (bindings.cpp): every launcher runs on args.device, and the
+// caller's current device is restored afterwards, whatever the launcher did.
+void call_on_device(KernelFn fn, const KernelArgs& args) {
+  cuda::DeviceGuard guard(args.device);
+  fn(args);
+}
+
 }  // namespace leanvae
