@@ -48,3 +48,31 @@ def _seed():
 @pytest.fixture(scope="session", autouse=True)
 def _require_native():
     native_required()
+
+
+# ------------------------------------------------------------------------------------ the `gpu` marker
+_KERNEL_PARAMS = ("backend", "provider")
+_GPU_BACKENDS = ("cuda", "triton")
+
+
+def _runs_gpu_kernels(item):
+    """True for a test that runs the cuda or triton kernels: parametrised with backend/provider "cuda" or
+    "triton", or with a CUDA device. On a GPU machine those run on the GPU; on a CPU the Triton ones run
+    through the interpreter (what the suite's dry run uses) and the cuda ones skip."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return False
+    for name, value in callspec.params.items():
+        if name in _KERNEL_PARAMS and value in _GPU_BACKENDS:
+            return True
+        if isinstance(value, torch.device) and value.type == "cuda":
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest -m gpu` (benchmarks/gpu_suite.sh's correctness stage) selects exactly the tests that run
+    GPU kernels: those marked explicitly and those `_runs_gpu_kernels` recognises."""
+    for item in items:
+        if item.get_closest_marker("gpu") is None and _runs_gpu_kernels(item):
+            item.add_marker(pytest.mark.gpu)
