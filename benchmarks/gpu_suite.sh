@@ -1,59 +1,228 @@
 #!/usr/bin/env bash
-# On a CUDA machine: build the package, run the whole test suite on the GPU (every backend, every dtype),
-# run every benchmark and the end-to-end job, and write a dated results file (device, versions, commit)
-# plus a plot under benchmarks/results/.
+# The GPU suite: the most truth per minute from one short GPU window (benchmarks/NOTES.md says how to call it).
 #
-#   bash benchmarks/gpu_suite.sh [all|build|test|bench|e2e|report]     (default: all)
+#   bash benchmarks/gpu_suite.sh [--budget SECONDS] [STAGE ...]
 #
-# Stages can run in separate calls (each writes into $RESULTS_DIR); `report` collects what is there.
-# Environment: RESULTS_DIR (default benchmarks/results), LEANVAE_BENCH_ROUNDS, PYTHON (default python3).
+# Stages, in order of value (default: all of them), each under its own timeout, each writing its result
+# files under RESULTS_DIR as soon as it ends, so a window cut short still returns everything done so far:
+#   build      setuptools/wheel check, CUDA build for sm_90 with parallel jobs (fails loudly if pip fails
+#              or the CUDA module does not load), `python -m leanvae info -v`
+#   gpu-tests  `pytest -m gpu`: the tests that run cuda/triton kernels on the GPU (tests/conftest.py marks
+#              them), large-index, non-default-stream and second-device cases (tests/test_gpu_suite.py)
+#   bench      one pytest-benchmark JSON per benchmarks/test_bench_*.py (CUDA-event timing, bandwidth as a
+#              fraction of the copy bandwidth measured in the same process), torch.compile providers excluded
+#   e2e        `python -m leanvae bench`: 17x1080x1920 bfloat16 and 17x256x256 (reference, fused, peak memory,
+#              error against float32)
+#   compile    the torch.compile variants (ops and end to end), optional: cold compiles are slow
+#   sanitizer  compute-sanitizer memcheck over the GPU op tests on small shapes, if time remains
+#   report     benchmarks/report.py over whatever the run produced
+# --budget SECONDS: the whole run's wall-clock budget; a stage that no longer fits is skipped (and says so),
+# the last one that fits runs under what is left. Every stage writes $PREFIX-<stage>.txt (log + status line);
+# $PREFIX-summary.txt gets one line per stage as it ends.
+#
+# GPU_SUITE_DRY_RUN=1: the same plumbing on a CPU (tiny shapes; reference, CPU and Triton-interpreter
+# paths stand in for the GPU; nothing is installed): what CI runs so that this script cannot rot.
+# Environment: RESULTS_DIR (default benchmarks/results), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+DRY=${GPU_SUITE_DRY_RUN:-0}
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
 mkdir -p "$RESULTS_DIR"
-stage=${1:-all}
+export PYTHONUNBUFFERED=1
 
-if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_suite: no CUDA device visible to torch" >&2
-  exit 2
+budget=""
+stages=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget) budget=${2:?--budget needs a number of seconds}; shift 2 ;;
+    --budget=*) budget=${1#--budget=}; shift ;;
+    -h|--help) sed -n 2,26p "$0"; exit 0 ;;
+    *) stages+=("$1"); shift ;;
+  esac
+done
+ALL_STAGES=(build gpu-tests bench e2e compile sanitizer report)
+[ ${#stages[@]} -eq 0 ] && stages=("${ALL_STAGES[@]}")
+for s in "${stages[@]}"; do
+  case " ${ALL_STAGES[*]} " in *" $s "*) ;; *) echo "gpu_suite: unknown stage '$s' (expected: ${ALL_STAGES[*]})" >&2; exit 2 ;; esac
+done
+if [ -n "$budget" ] && ! [[ "$budget" =~ ^[0-9]+$ ]]; then
+  echo "gpu_suite: --budget expects whole seconds, got '$budget'" >&2; exit 2
 fi
-gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-prefix="$RESULTS_DIR/$(date -u +%Y-%m-%d)-$gpu"
+
+if [ "$DRY" = 1 ]; then
+  export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 LEANVAE_BENCH_ROUNDS=1 LEANVAE_BENCH_E2E_SIZE=5x16x16
+  device=dryrun-cpu
+  # stage: max seconds, min seconds worth starting
+  declare -A T_MAX=([build]=60 [gpu-tests]=90 [bench]=120 [e2e]=60 [compile]=60 [sanitizer]=10 [report]=30)
+else
+  if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_suite: no CUDA device visible to torch (GPU_SUITE_DRY_RUN=1 runs the plumbing on a CPU)" >&2
+    exit 2
+  fi
+  device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+  # Sized to issue 13: build < 2 min, correctness < 3, ops < 2, end to end < 3; compile and sanitizer last.
+  declare -A T_MAX=([build]=150 [gpu-tests]=180 [bench]=150 [e2e]=180 [compile]=120 [sanitizer]=120 [report]=30)
+fi
+declare -A T_MIN=([build]=20 [gpu-tests]=30 [bench]=30 [e2e]=30 [compile]=40 [sanitizer]=30 [report]=5)
+PREFIX="$RESULTS_DIR/$(date -u +%Y-%m-%dT%H%M)-$device"
+SUMMARY="$PREFIX-summary.txt"
+START=$SECONDS
 status=0
+echo "gpu_suite: $(date -u +%FT%TZ) device=$device dry_run=$DRY budget=${budget:-none} stages=${stages[*]}" | tee "$SUMMARY"
 
-run_build() {
-  # No network on the lent GPU machines: build against what is installed.
-  LEANVAE_KERNELS_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
-  $PY -m leanvae info -v | tee "$prefix-info.txt"
+# Seconds one stage may use: its own cap, cut to what the budget has left (0: skip).
+allowance() {
+  local cap=${T_MAX[$1]} left
+  if [ -n "$budget" ]; then
+    left=$((budget - (SECONDS - START) - 5))
+    [ "$left" -lt "${T_MIN[$1]}" ] && { echo 0; return; }
+    [ "$left" -lt "$cap" ] && cap=$left
+  fi
+  echo "$cap"
 }
-run_test() {
-  PYTHONUNBUFFERED=1 $PY -m pytest tests -q -ra 2>&1 | tee "$prefix-tests.txt"
-  return "${PIPESTATUS[0]}"
+
+# run_stage NAME FUNCTION: runs FUNCTION under the stage's timeout, logs to $PREFIX-NAME.txt, records status.
+run_stage() {
+  local name=$1 fn=$2 t0=$SECONDS rc secs limit log="$PREFIX-$1.txt"
+  limit=$(allowance "$name")
+  if [ "$limit" = 0 ]; then
+    echo "SKIPPED: $name needs at least ${T_MIN[$name]} s, budget $budget s has $((budget - (SECONDS - START))) s left" | tee "$log" >>"$SUMMARY"
+    echo "gpu_suite: skipped $name (does not fit the budget)"
+    return 0
+  fi
+  echo "gpu_suite: stage $name (timeout ${limit} s) ..."
+  # Exported for the stage function's own per-step timeouts.
+  # In the background so that a TERM/INT to this script reaches the stage (see the trap below).
+  STAGE_LIMIT=$limit timeout --kill-after=10 "$limit" bash -c "set -o pipefail; $(declare -f "$fn"); $fn" >"$log" 2>&1 &
+  stage_pid=$!
+  wait "$stage_pid"
+  rc=$?
+  stage_pid=""
+  secs=$((SECONDS - t0))
+  local verdict=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict="TIMED OUT after ${limit} s"; status=1
+  elif [ $rc -ne 0 ]; then verdict="FAILED (exit $rc)"; status=1; fi
+  echo "== stage $name: $verdict in ${secs} s" >>"$log"
+  echo "$name: $verdict in ${secs} s (log $(basename "$log"))" >>"$SUMMARY"
+  tail -n 4 "$log" | sed "s/^/  [$name] /"
+  return $rc
 }
-run_bench() {
-  PYTHONUNBUFFERED=1 $PY -m pytest benchmarks --ignore=benchmarks/test_bench_e2e.py --benchmark-enable -q \
-    --benchmark-json="$prefix-ops.json" 2>&1 | tail -20
-  return "${PIPESTATUS[0]}"
+
+export PY DRY PREFIX RESULTS_DIR
+stage_pid=""
+# Killed from outside (the window closing): stop the running stage too, and say so in the summary;
+# the files of the stages already finished are complete.
+on_signal() {
+  [ -n "$stage_pid" ] && kill -TERM "$stage_pid" 2>/dev/null && wait "$stage_pid" 2>/dev/null
+  echo "gpu_suite: INTERRUPTED after $((SECONDS - START)) s" >>"$SUMMARY"
+  exit 143
 }
-run_e2e() {
-  for dtype in bfloat16 float32; do
-    $PY -m leanvae bench --dtype $dtype --compile --repeats 5 --json "$prefix-e2e-$dtype.json" || status=1
+trap on_signal TERM INT
+
+stage_build() {
+  $PY - <<'EOF' || exit 1
+import importlib
+missing = []
+for name in ("setuptools", "wheel", "pybind11", "ninja"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name} {getattr(mod, '__version__', '?')}")
+    except ImportError:
+        missing.append(name)
+if missing:
+    # An old setuptools without `wheel` fails `pip install -e .` with "invalid command 'bdist_wheel'".
+    raise SystemExit(f"build: missing {', '.join(missing)}: `pip install --no-build-isolation -e .` cannot work; "
+                     "carry them as wheels (see benchmarks/NOTES.md)")
+EOF
+  local rc=0
+  if [ "$DRY" = 1 ]; then
+    echo "dry run: no build (the CPU module built here is used); checking it loads"
+    $PY -c "from leanvae_kernels import _native; m, r = _native.module('cpu'); print('cpu module:', r); raise SystemExit(0 if m else 1)" || rc=1
+  else
+    export LEANVAE_KERNELS_BUILD_CUDA=1 LEANVAE_KERNELS_CUDA_ARCH=9.0 LEANVAE_KERNELS_BUILD_JOBS=$(nproc)
+    # No network there: build against what is installed; pip's own status is what counts.
+    if ! $PY -m pip install --no-build-isolation --no-deps -e .; then
+      echo "BUILD FAILED: pip install returned non-zero"; rc=1
+    elif ! $PY -c "from leanvae_kernels import _native; m, r = _native.module('cuda'); print('cuda module:', r); raise SystemExit(0 if m else 1)"; then
+      echo "BUILD FAILED: the CUDA module does not load (every cuda test would skip)"; rc=1
+    fi
+  fi
+  $PY benchmarks/report.py --env "$PREFIX-env.json" || rc=1
+  $PY -m leanvae info -v || rc=1
+  return $rc
+}
+
+stage_gpu_tests() {
+  local sel=(tests)
+  # Dry run: one small op file through the Triton interpreter plus the suite's own GPU cases (which skip).
+  [ "$DRY" = 1 ] && sel=(tests/test_soft_threshold.py tests/test_gpu_suite.py)
+  $PY -m pytest -p no:cacheprovider -q -m gpu "${sel[@]}" --junitxml="$PREFIX-gpu-tests.xml"
+}
+
+stage_bench() {
+  local f name rc=0 per
+  local files=(benchmarks/test_bench_*.py)
+  per=$(( STAGE_LIMIT / (${#files[@]}) ))
+  for f in "${files[@]}"; do
+    name=$(basename "$f" .py); name=${name#test_bench_}
+    [ "$name" = e2e ] && continue  # stage e2e
+    echo "-- $f (timeout ${per} s)"
+    timeout --kill-after=5 "$per" $PY -m pytest -p no:cacheprovider -q "$f" -k "not compile" --benchmark-enable \
+      --benchmark-json="$PREFIX-bench-$name.json" --benchmark-columns=median,rounds || rc=1
   done
-}
-run_report() {
-  files=$(ls "$prefix"-ops.json "$prefix"-e2e-*.json 2>/dev/null)
-  [ -n "$files" ] && $PY benchmarks/report.py "$prefix" $files
+  return $rc
 }
 
-case "$stage" in
-  build) run_build ;;
-  test) run_test || status=1 ;;
-  bench) run_bench || status=1 ;;
-  e2e) run_e2e ;;
-  report) run_report ;;
-  all) run_build && { run_test || status=1; run_bench || status=1; run_e2e; run_report; } ;;
-  *) echo "gpu_suite: unknown stage $stage" >&2; exit 2 ;;
-esac
-echo "gpu_suite: stage $stage finished with status $status (results under $RESULTS_DIR, prefix $prefix)"
+stage_e2e() {
+  local rc=0
+  if [ "$DRY" = 1 ]; then
+    $PY -m leanvae bench --device cpu --dtype bfloat16 --frames 5 --size 16x16 --repeats 1 --quiet \
+      --json "$PREFIX-e2e-5x16x16-bfloat16.json" || rc=1
+  else
+    $PY -m leanvae bench --dtype bfloat16 --frames 17 --size 1080x1920 --repeats 3 --quiet \
+      --json "$PREFIX-e2e-17x1080x1920-bfloat16.json" || rc=1
+    $PY -m leanvae bench --dtype bfloat16 --frames 17 --size 256x256 --repeats 5 --quiet \
+      --json "$PREFIX-e2e-17x256x256-bfloat16.json" || rc=1
+  fi
+  return $rc
+}
+
+stage_compile() {
+  local rc=0
+  if [ "$DRY" = 1 ]; then
+    $PY -m pytest -p no:cacheprovider -q benchmarks/test_bench_haar.py -k "compile and test_patch and f32 and forward and not backward" \
+      --benchmark-enable --benchmark-json="$PREFIX-compile-ops.json" || rc=1
+  else
+    $PY -m leanvae bench --dtype bfloat16 --frames 17 --size 256x256 --compile --repeats 3 --quiet \
+      --json "$PREFIX-compile-e2e-17x256x256-bfloat16.json" || rc=1
+    $PY -m pytest -p no:cacheprovider -q benchmarks --ignore=benchmarks/test_bench_e2e.py -k "compile and forward and not backward" \
+      --benchmark-enable --benchmark-json="$PREFIX-compile-ops.json" || rc=1
+  fi
+  return $rc
+}
+
+stage_sanitizer() {
+  if [ "$DRY" = 1 ]; then
+    echo "dry run: compute-sanitizer needs a GPU; on one this stage runs:"
+    echo "  compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -k cuda tests/test_soft_threshold.py tests/test_haar.py"
+    return 0
+  fi
+  command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not on PATH"; return 1; }
+  compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+    $PY -m pytest -p no:cacheprovider -q -x -m gpu -k "cuda and not large" tests/test_soft_threshold.py tests/test_haar.py tests/test_ista_ops.py
+}
+
+stage_report() {
+  $PY benchmarks/report.py --run "$PREFIX"
+}
+
+for s in "${stages[@]}"; do
+  run_stage "$s" "stage_${s//-/_}"
+  rc=$?
+  if [ "$s" = build ] && [ $rc -ne 0 ]; then
+    echo "gpu_suite: BUILD STAGE FAILED (see $PREFIX-build.txt); continuing so that the reference/Triton stages still report" >&2
+  fi
+done
+echo "gpu_suite: finished in $((SECONDS - START)) s with status $status; results: $PREFIX-*" | tee -a "$SUMMARY"
 exit $status

@@ -22,6 +22,13 @@ import torch
 PROVIDERS = ("reference", "compile", "cpu", "triton", "cuda")
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# benchmarks/gpu_suite.sh's CPU dry run: tiny shapes, the plumbing only (no figure from it means anything).
+DRY_RUN = os.environ.get("GPU_SUITE_DRY_RUN") == "1"
+
+
+def target(gpu, cpu, dry):
+    """The shape for this run: the GPU target shape, the CPU benchmark shape, or the dry run's tiny one."""
+    return gpu if ON_GPU else (dry if DRY_RUN else cpu)
 
 
 def provider_status(provider):
@@ -70,7 +77,7 @@ def synchronize():
 def copy_bandwidth_gbps(device_type=None):
     """Measured device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
     device = torch.device(device_type or DEVICE.type)
-    n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of float32
+    n = (1 << 28) if device.type == "cuda" else (1 << 20 if DRY_RUN else 1 << 25)  # 1 GiB / 128 MiB of float32
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -79,10 +86,17 @@ def copy_bandwidth_gbps(device_type=None):
     reps = 20 if device.type == "cuda" else 10
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        synchronize()
-        times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
     times.sort()
     return 2 * src.numel() * src.element_size() / times[len(times) // 2] / 1e9
 
@@ -101,9 +115,18 @@ def run(benchmark, provider, fn, *, bytes_moved=None, dtype=None, mode="forward"
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
 
+    event_seconds = []  # on a GPU: CUDA-event time of each timed round (host overhead excluded)
+
     def timed():
-        fn()
-        synchronize()
+        if ON_GPU:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            event_seconds.append(start.elapsed_time(end) / 1e3)
+        else:
+            fn()
 
     if rounds is None:
         rounds = int(os.environ.get("LEANVAE_BENCH_ROUNDS", "20" if ON_GPU else "5"))
@@ -115,8 +138,14 @@ def run(benchmark, provider, fn, *, bytes_moved=None, dtype=None, mode="forward"
     if ON_GPU:
         info["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     stats = getattr(benchmark, "stats", None)
-    if bytes_moved and stats is not None and getattr(stats, "stats", None) is not None:
+    median = None
+    if event_seconds:
+        median = sorted(event_seconds)[len(event_seconds) // 2]
+        info["cuda_event_median_s"] = median
+    elif stats is not None and getattr(stats, "stats", None) is not None:
         median = stats.stats.median
+    if bytes_moved and median:
         gbps = bytes_moved / median / 1e9
         info.update(bytes_moved=int(bytes_moved), gbps=round(gbps, 2),
+                    copy_gbps=round(copy_bandwidth_gbps(), 1),
                     frac_copy_bw=round(gbps / copy_bandwidth_gbps(), 3))

@@ -16,12 +16,12 @@ two-frame cache; backward: grad_y and x read, grad_x written).
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import DEVICE, ON_GPU, backend_of, compiled, providers, run
+from harness import DEVICE, ON_GPU, backend_of, target, compiled, providers, run
 
 import leanvae_kernels as lk
 from leanvae.modules import PEG3D
 
-SHAPE = (1, 5, 135, 240, 512) if ON_GPU else (1, 5, 32, 32, 512)
+SHAPE = target((1, 5, 135, 240, 512), (1, 5, 32, 32, 512), dry=(1, 3, 6, 6, 16))
 DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
 FUSED = ("cpu", "triton", "cuda")
 PROVIDERS = providers("reference", "compile", "cpu", "triton", "cuda") + [pytest.param("conv3d_channels_last")]

@@ -10,14 +10,14 @@ and each output written once (forward: the video and its sub-bands; backward: th
 """
 import pytest
 import torch
-from harness import DEVICE, ON_GPU, backend_of, compiled, providers, run
+from harness import DEVICE, backend_of, compiled, providers, run, target
 
 import leanvae_kernels as lk
 from leanvae.patcher import Patcher, UnPatcher
 from leanvae_kernels.nn.haar import FusedPatcher, FusedUnPatcher, HaarLatentCompressor
 
-CLIP = (1, 3, 17, 1080, 1920) if ON_GPU else (1, 3, 17, 256, 256)
-LATENT = (1, 16, 8, 136, 240) if ON_GPU else (1, 16, 4, 32, 32)
+CLIP = target((1, 3, 17, 1080, 1920), (1, 3, 17, 256, 256), dry=(1, 3, 5, 8, 8))
+LATENT = target((1, 16, 8, 136, 240), (1, 16, 4, 32, 32), dry=(1, 4, 2, 4, 4))
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
 MODES = ["forward", "backward", "forward+backward"]
 PROVIDERS = providers("reference", "compile", "cpu", "triton", "cuda")

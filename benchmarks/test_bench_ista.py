@@ -22,11 +22,11 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import DEVICE, ON_GPU, backend_of, compiled, providers, run
+from harness import DEVICE, ON_GPU, backend_of, target, compiled, providers, run
 
 import leanvae_kernels as lk
 
-N, D = (162_000, 512) if ON_GPU else (20_000, 512)
+N, D = target((162_000, 512), (20_000, 512), dry=(64, 32))
 DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
 LATENTS = [4, 16]
 PROVIDERS = providers("reference", "compile", "cpu", "triton", "cuda")

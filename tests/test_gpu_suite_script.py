@@ -1,0 +1,111 @@
+"""benchmarks/gpu_suite.sh's CPU dry run (GPU_SUITE_DRY_RUN=1): every stage's plumbing, so the script that
+gets one short GPU window cannot rot between windows. The full dry run takes about 1.5 minutes on 2 cores."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
+STAGES = ("build", "gpu-tests", "bench", "e2e", "compile", "sanitizer", "report")
+
+
+def _env(results):
+    env = dict(os.environ, GPU_SUITE_DRY_RUN="1", RESULTS_DIR=str(results), PYTHON=sys.executable)
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
+def _one(results, pattern):
+    found = glob.glob(os.path.join(str(results), pattern))
+    assert len(found) == 1, f"expected one {pattern} under {results}, found {found}"
+    return found[0]
+
+
+def _stage_verdict(results, stage):
+    with open(_one(results, f"*-{stage}.txt")) as f:
+        return f.read().rstrip().splitlines()[-1]
+
+
+def test_dry_run_leaves_one_result_file_per_stage(tmp_path):
+    proc = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    for stage in STAGES:
+        assert _stage_verdict(tmp_path, stage).startswith(f"== stage {stage}: ok"), stage
+    with open(_one(tmp_path, "*-summary.txt")) as f:
+        summary = f.read()
+    assert all(f"{stage}: ok" in summary for stage in STAGES), summary
+    # What each stage exists to produce.
+    assert json.load(open(_one(tmp_path, "*-env.json")))["torch"]
+    assert 'tests="' in open(_one(tmp_path, "*-gpu-tests.xml")).read()
+    for name in ("haar", "causal_conv", "ista"):
+        assert json.load(open(_one(tmp_path, f"*-bench-{name}.json")))["benchmarks"], name
+    e2e = json.load(open(_one(tmp_path, "*-e2e-5x16x16-bfloat16.json")))
+    assert {"reference", "fused"} <= set(e2e["results"]) and "error_vs_float32" in e2e["results"]["fused"]
+    assert json.load(open(_one(tmp_path, "*-compile-ops.json")))["benchmarks"]
+    report = open(_one(tmp_path, "*-report.md")).read()
+    # The GPU figures this CPU run cannot produce are marked, not left out; the tiny clip's are there.
+    assert "| 17x1080x1920 | bfloat16 | not measured |" in report
+    assert "| 5x16x16 | bfloat16 | " in report and "| haar | test_patch[forward-f32] | " in report
+
+
+def test_killed_after_build_keeps_the_build_results(tmp_path):
+    proc = subprocess.Popen(["bash", SCRIPT], cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        summary = None
+        while time.monotonic() < deadline:
+            found = glob.glob(os.path.join(str(tmp_path), "*-summary.txt"))
+            if found and "build:" in open(found[0]).read():
+                summary = found[0]
+                break
+            assert proc.poll() is None, "the suite ended before its build stage did"
+            time.sleep(0.2)
+        assert summary, "the build stage did not finish within 120 s"
+        proc.send_signal(signal.SIGTERM)  # to the script alone: it must stop the running stage itself
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, out[-3000:]
+    assert _stage_verdict(tmp_path, "build").startswith("== stage build: ok")
+    assert json.load(open(_one(tmp_path, "*-env.json")))["commit"]
+    text = open(summary).read()
+    assert "INTERRUPTED" in text and "bench:" not in text, text
+    # The stage that was running is gone too (its pytest would otherwise write on); a dying Python
+    # takes a moment to exit, so poll.
+    left = b"?"
+    for _ in range(75):
+        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout
+        if not left:
+            break
+        time.sleep(0.2)
+    assert left == b"", f"processes of the killed suite still running: {left!r}"
+
+
+def test_budget_skips_what_does_not_fit(tmp_path):
+    proc = subprocess.run(["bash", SCRIPT, "--budget", "12", "gpu-tests", "report"], cwd=ROOT, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped gpu-tests" in proc.stdout
+    with open(_one(tmp_path, "*-gpu-tests.txt")) as f:
+        assert f.read().startswith("SKIPPED: gpu-tests needs at least 30 s")
+    report = open(_one(tmp_path, "*-report.md")).read()
+    assert "GPU correctness (`pytest -m gpu`): not measured" in report
+    assert "| causal_conv | (all) | not measured |" in report
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "ten"], "--budget expects whole seconds"),
+    (["benchmark"], "unknown stage 'benchmark'"),
+])
+def test_bad_arguments_are_refused(tmp_path, args, message):
+    proc = subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
