@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -55,13 +56,15 @@ def test_dry_run_leaves_one_result_file_per_stage(tmp_path):
 
 
 def test_killed_after_build_keeps_the_build_results(tmp_path):
-    proc = subprocess.Popen(["bash", SCRIPT], cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
+    results, archive = tmp_path / "results", tmp_path / "suite.tgz"
+    env = dict(_env(results), GPU_SUITE_ARCHIVE=str(archive))
+    proc = subprocess.Popen(["bash", SCRIPT], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         summary = None
         while time.monotonic() < deadline:
-            found = glob.glob(os.path.join(str(tmp_path), "*-summary.txt"))
+            found = glob.glob(os.path.join(str(results), "*-summary.txt"))
             if found and "build:" in open(found[0]).read():
                 summary = found[0]
                 break
@@ -75,8 +78,8 @@ def test_killed_after_build_keeps_the_build_results(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 143, out[-3000:]
-    assert _stage_verdict(tmp_path, "build").startswith("== stage build: ok")
-    assert json.load(open(_one(tmp_path, "*-env.json")))["commit"]
+    assert _stage_verdict(results, "build").startswith("== stage build: ok")
+    assert json.load(open(_one(results, "*-env.json")))["commit"]
     text = open(summary).read()
     assert "INTERRUPTED" in text and "bench:" not in text, text
     # The stage that was running is gone too (its pytest would otherwise write on); a dying Python
@@ -88,6 +91,10 @@ def test_killed_after_build_keeps_the_build_results(tmp_path):
             break
         time.sleep(0.2)
     assert left == b"", f"processes of the killed suite still running: {left!r}"
+    # The archive a GPU window brings back holds the finished stage's files.
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("-build.txt") for n in names) and any(n.endswith("-env.json") for n in names), names
 
 
 def test_budget_skips_what_does_not_fit(tmp_path):
