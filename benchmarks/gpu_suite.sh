@@ -222,8 +222,10 @@ stage_sanitizer() {
     echo "  compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -k cuda tests/test_soft_threshold.py tests/test_haar.py"
     return 0
   fi
-  command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not on PATH"; return 1; }
-  compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+  local cs
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null) \
+    || { echo "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"; return 1; }
+  "$cs" --tool memcheck --error-exitcode 1 --print-limit 20 \
     $PY -m pytest -p no:cacheprovider -q -x -m gpu -k "cuda and not large and not target" tests/test_soft_threshold.py tests/test_haar.py tests/test_ista_ops.py
 }
 
