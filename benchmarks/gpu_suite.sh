@@ -168,7 +168,7 @@ stage_gpu_tests() {
   # Dry run: one small op file through the Triton interpreter plus the suite's own GPU cases (which skip).
   [ "$DRY" = 1 ] && sel=(tests/test_soft_threshold.py tests/test_gpu_suite.py)
   # On the GPU machine (16 cores), Triton's JIT compiles dominate: spread them over workers.
-  [ "$DRY" != 1 ] && $PY -c "import xdist" 2>/dev/null && par=(-n 6)
+  [ "$DRY" != 1 ] && $PY -c "import xdist" 2>/dev/null && par=(-n 6 --dist loadgroup)
   # A test file that fails to import there (a package missing from the image) must not cost all the others.
   $PY -m pytest -p no:cacheprovider -q -m gpu "${par[@]}" "${sel[@]}" --continue-on-collection-errors --durations=15 \
     --junitxml="$PREFIX-gpu-tests.xml"

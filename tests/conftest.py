@@ -70,6 +70,11 @@ def _runs_gpu_kernels(item):
     return False
 
 
+def pytest_configure(config):
+    # pytest-xdist registers this itself; without it the mark is inert and must not warn.
+    config.addinivalue_line("markers", "xdist_group(name): tests run by one worker under --dist loadgroup")
+
+
 def pytest_collection_modifyitems(config, items):
     """`pytest -m gpu` (benchmarks/gpu_suite.sh's correctness stage) selects exactly the tests that run
     GPU kernels: those marked explicitly and those `_runs_gpu_kernels` recognises."""
