@@ -23,11 +23,13 @@
 # GPU_SUITE_DRY_RUN=1: the same plumbing on a CPU (tiny shapes; reference, CPU and Triton-interpreter
 # paths stand in for the GPU; nothing is installed): what CI runs so that this script cannot rot.
 # Environment: RESULTS_DIR (default benchmarks/results), PYTHON (default python3), GPU_SUITE_ARCHIVE (a .tgz
-# rewritten after every stage with all of the run's files).
+# rewritten after every stage with all of the run's files), GPU_SUITE_VERBOSE (1: stage output shown as
+# well as logged; the default on a GPU, 0 in the dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DRY=${GPU_SUITE_DRY_RUN:-0}
+VERBOSE=${GPU_SUITE_VERBOSE:-$([ "$DRY" = 1 ] && echo 0 || echo 1)}
 RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
 mkdir -p "$RESULTS_DIR"
 export PYTHONUNBUFFERED=1
@@ -93,9 +95,10 @@ run_stage() {
     return 0
   fi
   echo "gpu_suite: stage $name (timeout ${limit} s) ..."
-  # Exported for the stage function's own per-step timeouts.
-  # In the background so that a TERM/INT to this script reaches the stage (see the trap below).
-  STAGE_LIMIT=$limit timeout --kill-after=10 "$limit" bash -c "set -o pipefail; $(declare -f "$fn"); $fn" >"$log" 2>&1 &
+  # STAGE_LIMIT: for the stage's own per-step timeouts. In the background so that a TERM/INT to this
+  # script reaches the stage (see the trap below).
+  STAGE_LIMIT=$limit STAGE_LOG=$log STAGE_NAME=$name \
+    timeout --kill-after=10 "$limit" bash -c "set -o pipefail; $(declare -f "$fn" stage_body); stage_body $fn" &
   stage_pid=$!
   wait "$stage_pid"
   rc=$?
@@ -106,11 +109,22 @@ run_stage() {
   elif [ $rc -ne 0 ]; then verdict="FAILED (exit $rc)"; status=1; fi
   echo "== stage $name: $verdict in ${secs} s" >>"$log"
   echo "$name: $verdict in ${secs} s (log $(basename "$log"))" >>"$SUMMARY"
-  tail -n 2 "$log" | sed "s/^/  [$name] /"
+  [ "$VERBOSE" = 1 ] || tail -n 2 "$log" | sed "s/^/  [$name] /"
+  echo "gpu_suite: $name: $verdict in ${secs} s"
   return $rc
 }
 
-export PY DRY PREFIX RESULTS_DIR
+# A stage's output goes to its log file as it comes; with GPU_SUITE_VERBOSE=1 (the default on a GPU) it is
+# also shown, prefixed with the stage, so that a run killed mid-stage still shows how far that stage got.
+stage_body() {
+  if [ "$STAGE_VERBOSE" = 1 ]; then
+    "$1" 2>&1 | tee "$STAGE_LOG" | sed -u "s/^/  [$STAGE_NAME] /"
+  else
+    "$1" >"$STAGE_LOG" 2>&1
+  fi
+}
+
+export PY DRY PREFIX RESULTS_DIR STAGE_VERBOSE=$VERBOSE
 stage_pid=""
 # Killed from outside (the window closing): stop the running stage too, and say so in the summary;
 # the files of the stages already finished are complete.
