@@ -116,3 +116,34 @@ def test_budget_skips_what_does_not_fit(tmp_path):
 def test_bad_arguments_are_refused(tmp_path, args, message):
     proc = subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def _bench(name, provider, median, **info):
+    return {"name": f"{name}[forward-bf16-{provider}]", "stats": {"median": median},
+            "extra_info": dict(provider=provider, **info)}
+
+
+def test_report_of_a_partial_gpu_run(tmp_path):
+    """A GPU run cut short after the bench stage: its figures in the README table, the rest 'not measured',
+    and the device, versions and commit of the run (its env file), not of the machine making the report."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    prefix = str(tmp_path / "2026-01-01T0000-NVIDIA-H200")
+    env = {"python": "3.12.3", "torch": "2.11.0+cu130", "triton": "3.6.0", "device": "NVIDIA H200", "commit": "abc1234"}
+    json.dump(env, open(prefix + "-env.json", "w"))
+    json.dump({"benchmarks": [
+        _bench("test_patch", "reference", 4e-3),
+        _bench("test_patch", "cuda", 1e-3, gbps=3000.0, copy_gbps=4300.0, frac_copy_bw=0.698),
+    ]}, open(prefix + "-bench-haar.json", "w"))
+    open(prefix + "-summary.txt", "w").write("build: ok in 70 s\nbench: ok in 90 s\n")
+    assert report.run_report(prefix) == 0
+    text = open(prefix + "-report.md").read()
+    assert "- device: NVIDIA H200" in text and "- commit: abc1234" in text
+    assert "| haar | test_patch[forward-bf16] | 4.000 | 1.000 (4.00x, 70%) | not measured |" in text
+    assert "| causal_conv | (all) | not measured |" in text and "| ista | (all) | not measured |" in text
+    assert "| 17x1080x1920 | bfloat16 | not measured |" in text
+    assert "GPU correctness (`pytest -m gpu`): not measured" in text
+    assert "copy bandwidth measured in the same run: 4300.0 GB/s" in text
