@@ -52,7 +52,8 @@ def environment():
         env["driver/runtime"] = _cuda_runtime()
     else:
         env["device"] = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    env["commit"] = _git_commit()
+    # The device machine gets a copy of the working tree, maybe without .git: the caller names the commit.
+    env["commit"] = os.environ.get("GPU_SUITE_COMMIT") or _git_commit()
     return env
 
 
