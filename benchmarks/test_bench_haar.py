@@ -14,7 +14,7 @@ from harness import DEVICE, ON_GPU, backend_of, compiled, providers, run
 
 import leanvae_kernels as lk
 from leanvae.patcher import Patcher, UnPatcher
-from leanvae_kernels.nn.haar import FusedPatcher, FusedUnPatcher, HaarLatentCompressor
+from leanvae.fused.haar import FusedPatcher, FusedUnPatcher, HaarLatentCompressor
 
 CLIP = (1, 3, 17, 1080, 1920) if ON_GPU else (1, 3, 17, 256, 256)
 LATENT = (1, 16, 8, 136, 240) if ON_GPU else (1, 16, 4, 32, 32)

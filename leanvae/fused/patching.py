@@ -15,7 +15,7 @@ import types
 import torch
 import torch.nn as nn
 
-from . import _backend
+from leanvae_kernels import _backend
 
 # ------------------------------------------------------------------------------ structural matchers
 # Published and reference modules share these names and shapes; classes may differ.
@@ -88,13 +88,13 @@ def _naf_flags(on):
 # (matcher, method, "module:function" of the fused implementation, op it needs or None, flags(on) -> the
 # keyword arguments to bind, or None when the entry is off for the groups switched on)
 _PLAN = [
-    (is_patcher, "forward", "leanvae_kernels.nn.haar:fused_patcher_forward", "haar_patch", _when("haar")),
-    (is_unpatcher, "forward", "leanvae_kernels.nn.haar:fused_unpatcher_forward", "haar_unpatch", _when("haar")),
-    (is_resnaf, "forward", "leanvae_kernels.nn.peg3d:fused_resnaf_forward", "causal_dwconv3d", _naf_flags),
-    (is_naf, "forward", "leanvae_kernels.nn.peg3d:fused_naf_forward", "causal_dwconv3d", _naf_flags),
-    (is_peg3d, "forward", "leanvae_kernels.nn.peg3d:fused_peg3d_forward", "causal_dwconv3d", _when("conv")),
+    (is_patcher, "forward", "leanvae.fused.haar:fused_patcher_forward", "haar_patch", _when("haar")),
+    (is_unpatcher, "forward", "leanvae.fused.haar:fused_unpatcher_forward", "haar_unpatch", _when("haar")),
+    (is_resnaf, "forward", "leanvae.fused.peg3d:fused_resnaf_forward", "causal_dwconv3d", _naf_flags),
+    (is_naf, "forward", "leanvae.fused.peg3d:fused_naf_forward", "causal_dwconv3d", _naf_flags),
+    (is_peg3d, "forward", "leanvae.fused.peg3d:fused_peg3d_forward", "causal_dwconv3d", _when("conv")),
     # sample is one matmul that already reads x once; forward calls self.recon, so recon is enough.
-    (is_ista, "recon", "leanvae_kernels.nn.ista:fused_ista_recon", "ista_step", _when("ista")),
+    (is_ista, "recon", "leanvae.fused.ista:fused_ista_recon", "ista_step", _when("ista")),
 ]
 
 
