@@ -14,7 +14,7 @@ from harness import DEVICE, backend_of, compiled, providers, run, target
 
 import leanvae_kernels as lk
 from leanvae.patcher import Patcher, UnPatcher
-from leanvae_kernels.nn.haar import FusedPatcher, FusedUnPatcher, HaarLatentCompressor
+from leanvae.fused.haar import FusedPatcher, FusedUnPatcher, HaarLatentCompressor
 
 CLIP = target((1, 3, 17, 1080, 1920), (1, 3, 17, 256, 256), dry=(1, 3, 5, 8, 8))
 LATENT = target((1, 16, 8, 136, 240), (1, 16, 4, 32, 32), dry=(1, 4, 2, 4, 4))

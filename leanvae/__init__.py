@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 def use_fused_kernels(model=None, **kwargs):
     """Switch `model` (or, with no model, every reference LeanVAE) to the fused kernels.
 
-    See `leanvae_kernels.patching.use_fused_kernels` for the arguments and the returned handle.
+    See `leanvae.fused.patching.use_fused_kernels` for the arguments and the returned handle.
     """
-    from leanvae_kernels.patching import use_fused_kernels as _use
+    from .fused.patching import use_fused_kernels as _use
 
     return _use(model, **kwargs)
 

@@ -19,6 +19,11 @@ def cmd_info(args):
     import leanvae_kernels
     from leanvae_kernels import _backend, _native, _triton
 
+    try:
+        setting = _backend.get_backend()
+    except ValueError as exc:  # a bad LEANVAE_KERNELS_BACKEND: the message says what is allowed
+        print(f"leanvae info: {exc}", file=sys.stderr)
+        return 2
     out = []
     out.append("leanvae-kernels " + leanvae_kernels.__version__)
     out.append(f"  python {platform.python_version()}, torch {torch.__version__}, triton {_version('triton')}, numpy {_version('numpy')}")
@@ -29,7 +34,7 @@ def cmd_info(args):
             out.append(f"  cuda:{i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}), torch CUDA {torch.version.cuda}")
     else:
         out.append("  cuda: no device visible to torch")
-    out.append(f"  backend setting: {_backend.get_backend()} (set_backend() or {_backend.ENV_VAR})")
+    out.append(f"  backend setting: {setting} (set_backend() or {_backend.ENV_VAR})")
     out.append("native modules:")
     for backend in ("cpu", "cuda"):
         built, text = _native.build_info(backend)
@@ -109,6 +114,9 @@ def cmd_reconstruct(args):
     for label, path in (("input video", args.input), ("checkpoint", args.checkpoint)):
         if not os.path.isfile(path):
             return fail(f"{label} not found: {path}")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        return fail(f"output folder does not exist: {out_dir}")
     if args.frames is not None and (args.frames < 1 or args.frames % 4 != 1):
         return fail(f"--frames must be 1+4k (1, 5, 9, 17, ...), got {args.frames}")
     try:
@@ -125,13 +133,17 @@ def cmd_reconstruct(args):
     try:
         model = LeanVAE.load_from_checkpoint(args.checkpoint, device="cpu").eval()
     except (ValueError, RuntimeError, KeyError) as exc:
-        return fail(f"cannot load checkpoint {args.checkpoint}: {exc}")
+        cause = exc.__cause__
+        if cause is not None:  # torch.load's own error: its advice runs to many lines; one is enough here
+            return fail(f"cannot load checkpoint {args.checkpoint}: not a readable torch checkpoint "
+                        f"({cause.__class__.__name__})")
+        return fail(f"cannot load checkpoint {args.checkpoint}: {str(exc).splitlines()[0]}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = model.to(device=device, dtype=dtype)
     handle = None
     if args.fused:
-        from leanvae_kernels.patching import use_fused_kernels
+        from leanvae.fused.patching import use_fused_kernels
 
         handle = use_fused_kernels(model)
     if args.tile:

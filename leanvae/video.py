@@ -1,4 +1,6 @@
 """Video file I/O for `python -m leanvae reconstruct` (PyAV, the optional extra `[video]`)."""
+import os
+
 import numpy as np
 import torch
 
@@ -39,8 +41,29 @@ def read_video(path, max_frames=None):
 
 
 def write_video(path, frames, fps):
-    """Encode uint8 frames (T, H, W, 3) to `path` (H.264 when available, else MPEG-4, CRF 10)."""
+    """Encode uint8 frames (T, H, W, 3) to `path` (H.264 when available, else MPEG-4, CRF 10).
+
+    Written to a temporary name in the same folder and renamed when complete, so an interrupted or failed
+    write never leaves a file that looks finished. A missing folder is a VideoError."""
     av = _av()
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise VideoError(f"{path}: folder {folder} does not exist")
+    stem, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{stem}.partial-{os.getpid()}{ext}")  # same extension: the format follows it
+    try:
+        _encode(av, tmp, frames, fps)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(exc, (OSError, av.error.FFmpegError)) and not isinstance(exc, VideoError):
+            raise VideoError(f"{path}: cannot write video ({exc.__class__.__name__}: {exc})") from exc
+        raise
+
+
+def _encode(av, path, frames, fps):
     t, h, w, _ = frames.shape
     with av.open(str(path), mode="w") as container:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"

@@ -12,7 +12,7 @@ from conftest import DEVICE
 from helpers import assert_close
 
 from leanvae.modules import NAF, PEG3D, ResNAF
-from leanvae_kernels.nn.peg3d import (
+from leanvae.fused.peg3d import (
     CACHE_ATTR, FusedPEG3D, fused_naf_forward, fused_peg3d_forward, fused_resnaf_forward,
 )
 

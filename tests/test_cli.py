@@ -1,5 +1,6 @@
 """The command line: info, bench (on a tiny clip) and reconstruct (on a synthetic video file)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -100,3 +101,45 @@ def test_reconstruct_errors(tmp_path, checkpoint, capsys):
     assert "not a LeanVAE checkpoint" in capsys.readouterr().err
     assert main(["reconstruct", str(src), str(tmp_path / "o.mp4"), "--checkpoint", checkpoint, "--frames", "6"]) == 2
     assert "1+4k" in capsys.readouterr().err
+
+
+def test_info_with_a_bad_backend_variable_says_so_in_one_line():
+    env = {**os.environ, "LEANVAE_KERNELS_BACKEND": "junk"}
+    proc = subprocess.run([sys.executable, "-m", "leanvae", "info"], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LEANVAE_KERNELS_BACKEND" in lines[0] and "junk" in lines[0], proc.stderr
+
+
+def test_reconstruct_output_folder_missing_and_non_torch_checkpoint(tmp_path, checkpoint, capsys):
+    src = tmp_path / "in.mp4"
+    _write_clip(src)
+    missing = tmp_path / "no" / "such" / "out.mp4"
+    assert main(["reconstruct", str(src), str(missing), "--checkpoint", checkpoint]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output folder does not exist" in err[0]
+    assert not (tmp_path / "no").exists()
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"this is not a torch file\n" * 10)
+    out = tmp_path / "o.mp4"
+    assert main(["reconstruct", str(src), str(out), "--checkpoint", str(garbage)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a readable torch checkpoint" in err[0], err
+    assert sorted(tmp_path.iterdir()) == sorted([src, garbage])  # no output, no temporary file
+
+
+def test_write_video_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from leanvae import video
+
+    frames = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+
+    def broken(av, path, frames, fps):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(video, "_encode", broken)
+    with pytest.raises(video.VideoError, match="disk full"):
+        video.write_video(tmp_path / "out.mp4", frames, fps=8)
+    assert list(tmp_path.iterdir()) == []

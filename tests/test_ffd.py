@@ -1,4 +1,4 @@
-"""The padded-GEMM feed-forward (leanvae_kernels/nn/ffd.py) against the model's ffd, with and without the
+"""The padded-GEMM feed-forward (leanvae/fused/ffd.py) against the model's ffd, with and without the
 residual, in every dtype, with gradients, under autocast, and its fallbacks."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ from helpers import DTYPE_IDS, assert_close, case_id
 from torch import nn
 
 from leanvae.modules import ffd
-from leanvae_kernels.nn.ffd import PAD, ffd_apply, is_ffd
+from leanvae.fused.ffd import PAD, ffd_apply, is_ffd
 
 DIMS = [128, 384, 512, 40]  # inner widths 341, 1024, 1365, 106: padded, aligned, padded, padded
 

@@ -12,7 +12,7 @@ from helpers import DTYPE_IDS, assert_close, case_id, strided
 import leanvae_kernels as lk
 from leanvae.patcher import Patcher, UnPatcher
 from leanvae_kernels import _native
-from leanvae_kernels.nn.haar import FusedPatcher, FusedUnPatcher, fused_patcher_forward, fused_unpatcher_forward
+from leanvae.fused.haar import FusedPatcher, FusedUnPatcher, fused_patcher_forward, fused_unpatcher_forward
 from leanvae_kernels.ops import haar as H
 
 BACKENDS = kernel_backends()

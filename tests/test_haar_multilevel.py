@@ -7,7 +7,7 @@ from conftest import DEVICE, kernel_backends
 from helpers import DTYPE_IDS, assert_close
 
 import leanvae_kernels as lk
-from leanvae_kernels.nn.haar import HaarLatentCompressor
+from leanvae.fused.haar import HaarLatentCompressor
 from leanvae_kernels.ops.haar_multilevel import (
     BAND_NAMES, DEFAULT_KEEP, haar_latent_compress_reference, haar_latent_decompress_reference,
 )

@@ -16,7 +16,7 @@ from helpers import assert_close
 
 import leanvae_kernels as lk
 from leanvae.modules import ISTA
-from leanvae_kernels.nn.ista import FusedISTA, fused_ista_forward, fused_ista_recon
+from leanvae.fused.ista import FusedISTA, fused_ista_forward, fused_ista_recon
 
 LATENTS = [4, 16]
 SHAPE = (1, 3, 4, 5)  # (B, T, H, W): 60 tokens, enough for the causal conv of the NAF blocks

@@ -22,7 +22,7 @@ CUDA; CUDA per-thread bodies `conv_thread` / `wgrad_thread` in csrc/cuda/causal_
 `conv_frames` / `conv_weight_grad` (csrc/cpu/causal_conv.cpp) -> native kernels "causal_dwconv3d_fwd",
 "causal_dwconv3d_bwd_input", "causal_dwconv3d_bwd_weight" / Triton launchers of the same names ->
 `torch.ops.leanvae.causal_dwconv3d` (+ `causal_dwconv3d_backward`) -> `causal_dwconv3d()` below ->
-`leanvae_kernels.nn.peg3d` (FusedPEG3D, fused_peg3d_forward, fused_naf_forward, fused_resnaf_forward).
+`leanvae.fused.peg3d` (FusedPEG3D, fused_peg3d_forward, fused_naf_forward, fused_resnaf_forward).
 """
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,7 @@ Contract (../shared/DESIGN.md; `rescale=True`, the published default):
 Chain of names (CRAFT.md): the kernels `_haar_analysis_kernel` / `_haar_synthesis_kernel` (Triton,
 CUDA; csrc/cpu/haar.cpp on the CPU) -> native kernels "haar_analysis" / "haar_synthesis" and the Triton
 launchers `haar_analysis` / `haar_synthesis` -> the primitives `analysis` / `synthesis` below -> the
-ops `torch.ops.leanvae.haar_*` -> `FusedPatcher` / `FusedUnPatcher` (leanvae_kernels/nn/haar.py).
+ops `torch.ops.leanvae.haar_*` -> `FusedPatcher` / `FusedUnPatcher` (leanvae/fused/haar.py).
 Every op, forward and backward, is one launch of one of the two kernels: the backward of a DWT is a
 synthesis (with the reflected samples of odd sizes folded back onto sample N-2), the backward of an
 inverse DWT is an analysis. Any input strides are read in place; offsets are 64-bit.

@@ -7,7 +7,7 @@
 
 Chain of names (see CRAFT.md): `_soft_threshold_fwd_kernel` (Triton, CUDA) / `soft_threshold_fwd_cpu`
 -> native kernel "soft_threshold_fwd" / Triton launcher `soft_threshold_fwd` -> `torch.ops.leanvae.soft_threshold`
--> `soft_threshold()` below -> the fused ISTA module (leanvae_kernels/nn/ista.py). The three step ops
+-> `soft_threshold()` below -> the fused ISTA module (leanvae/fused/ista.py). The three step ops
 share `_ista_step_{fwd,bwd}_kernel` (Triton, CUDA) / `ista_step_{fwd,bwd}_cpu` -> native kernels
 "ista_step_fwd" / "ista_step_bwd" (an int `mode` selects the input) -> `torch.ops.leanvae.ista_*step`.
 """

@@ -28,7 +28,7 @@ full call (the op's contract), so the model's tiling stays lossless.
 import torch
 from torch import nn
 
-from ..ops.causal_conv import causal_dwconv3d
+from leanvae_kernels.ops.causal_conv import causal_dwconv3d
 from .ffd import ffd_apply
 
 CACHE_ATTR = "fused_causal_cache"
@@ -85,10 +85,11 @@ def fused_peg3d_forward(self, x, backend=None):
 
 def fused_naf_forward(self, x, backend=None, conv=True, ffd=True):
     """NAF.forward: for each layer, x = dconv_layer[i](x); x = ffd_layer[i](x). `conv`: the fused conv;
-    `ffd`: the padded-GEMM feed-forward (nn/ffd.py); either off runs the layer's own module."""
+    `ffd`: the padded-GEMM feed-forward (leanvae/fused/ffd.py); either off runs the layer's own module."""
     for i in range(self.num_layer):
         peg = self.dconv_layer[i]
-        x = _peg_call(peg, x, residual=False, backend=backend) if conv else peg(x)
+        fused = conv and type(peg).__name__ == "PEG3D"  # a subclass is called as a module: it may override forward
+        x = _peg_call(peg, x, residual=False, backend=backend) if fused else peg(x)
         x = ffd_apply(self.ffd_layer[i], x) if ffd else self.ffd_layer[i](x)
     return x
 
@@ -98,7 +99,8 @@ def fused_resnaf_forward(self, x, backend=None, conv=True, ffd=True):
     x = x + ffd_layer[i](x) (residual fused into the feed-forward's second GEMM)."""
     for i in range(self.num_layer):
         peg = self.dconv_layer[i]
-        x = _peg_call(peg, x, residual=True, backend=backend) if conv else x + peg(x)
+        fused = conv and type(peg).__name__ == "PEG3D"  # a subclass is called as a module: it may override forward
+        x = _peg_call(peg, x, residual=True, backend=backend) if fused else x + peg(x)
         x = ffd_apply(self.ffd_layer[i], x, residual=True) if ffd else x + self.ffd_layer[i](x)
     return x
 

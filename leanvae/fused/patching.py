@@ -2,20 +2,35 @@
 
 Modules are recognised by structure (parameters, buffers, attribute names and shapes), not only by class,
 so an instance of the published LeanVAE code, which this package cannot import, is switched too. A
-recognised module gets an instance-level method (`forward`, or `recon`/`sample` for the bottleneck) that
-calls the fused ops with the module's own parameters; nothing else changes: parameters stay where they are,
-so `state_dict` keys, `repr` and checkpoints are untouched. With no model, the methods are set on our
+recognised module gets an instance-level method (`forward`, or `recon` for the bottleneck) that calls the
+fused ops with the module's own parameters; nothing else changes: parameters stay where they are, so
+`state_dict` keys, `repr` and checkpoints are untouched. With no model, the methods are set on our
 reference classes instead, so every LeanVAE built from them, existing or future, is switched.
-Nothing inside torch is rebound. `handle.revert()` (or leaving a `with` block) restores exactly what was
-there before.
+Nothing inside torch is rebound.
+
+Semantics (README, "Use it"):
+- Layers. Every switch is a layer on each (module or class, method) it replaces; the newest active layer
+  is what runs, so a second call on a switched model re-binds it with the new backend/groups. `revert()`
+  of any handle, in any order, removes only that handle's layers; when a method has no layer left, the
+  original is restored exactly (the same function object, no leftover instance attribute). Instance and
+  class switches are independent layers (an instance's own layer wins over its class's).
+- Pickling. A switched instance saves as the plain model: `torch.save`, `pickle` and `copy.deepcopy` store
+  it without the fused methods (a switch is a property of this process, like a hook), so the file loads
+  anywhere, with or without this package; switch the loaded model again if wanted. (A class-level switch
+  applies to every instance of the class in this process, loaded ones included.)
+- Overrides. A module whose class defines its own `forward` (or `recon`) under a name we do not know, e.g.
+  a user subclass of PEG3D, is left alone, and its NAF parent calls it rather than inlining the fused
+  conv; the handle lists it under `skipped` with the reason.
+- A model in which no module is recognised raises ValueError (switching nothing silently hides a mistake).
 """
 import functools
 import types
+import weakref
 
 import torch
 import torch.nn as nn
 
-from . import _backend
+from leanvae_kernels import _backend
 
 # ------------------------------------------------------------------------------ structural matchers
 # Published and reference modules share these names and shapes; classes may differ.
@@ -88,14 +103,26 @@ def _naf_flags(on):
 # (matcher, method, "module:function" of the fused implementation, op it needs or None, flags(on) -> the
 # keyword arguments to bind, or None when the entry is off for the groups switched on)
 _PLAN = [
-    (is_patcher, "forward", "leanvae_kernels.nn.haar:fused_patcher_forward", "haar_patch", _when("haar")),
-    (is_unpatcher, "forward", "leanvae_kernels.nn.haar:fused_unpatcher_forward", "haar_unpatch", _when("haar")),
-    (is_resnaf, "forward", "leanvae_kernels.nn.peg3d:fused_resnaf_forward", "causal_dwconv3d", _naf_flags),
-    (is_naf, "forward", "leanvae_kernels.nn.peg3d:fused_naf_forward", "causal_dwconv3d", _naf_flags),
-    (is_peg3d, "forward", "leanvae_kernels.nn.peg3d:fused_peg3d_forward", "causal_dwconv3d", _when("conv")),
+    (is_patcher, "forward", "leanvae.fused.haar:fused_patcher_forward", "haar_patch", _when("haar"), "Patcher"),
+    (is_unpatcher, "forward", "leanvae.fused.haar:fused_unpatcher_forward", "haar_unpatch", _when("haar"), "UnPatcher"),
+    (is_resnaf, "forward", "leanvae.fused.peg3d:fused_resnaf_forward", "causal_dwconv3d", _naf_flags, "ResNAF"),
+    (is_naf, "forward", "leanvae.fused.peg3d:fused_naf_forward", "causal_dwconv3d", _naf_flags, "NAF"),
+    (is_peg3d, "forward", "leanvae.fused.peg3d:fused_peg3d_forward", "causal_dwconv3d", _when("conv"), "PEG3D"),
     # sample is one matmul that already reads x once; forward calls self.recon, so recon is enough.
-    (is_ista, "recon", "leanvae_kernels.nn.ista:fused_ista_recon", "ista_step", _when("ista")),
+    (is_ista, "recon", "leanvae.fused.ista:fused_ista_recon", "ista_step", _when("ista"), "ISTA"),
 ]
+
+
+def foreign_override(module, method, known):
+    """The class that defines `module.<method>` when it is neither the known class `known` (by name: ours
+    or the published one) nor one of our fused methods; None otherwise. Such a module is left alone."""
+    for klass in type(module).__mro__:
+        if method in vars(klass):
+            fn = vars(klass)[method]
+            if klass.__name__ == known or getattr(fn, "__leanvae_fused__", False):
+                return None
+            return klass
+    return None
 
 
 def _load(path):
@@ -133,31 +160,85 @@ def _check_backend_can_run(backend, op_names, device, dtype):
             raise _backend.BackendUnavailable(f"use_fused_kernels: backend {backend!r} cannot run {name}: {reason}")
 
 
+class _Slot:
+    """One (target, attribute) that some handle replaced: what was there first, and the layers on top."""
+
+    def __init__(self, target, name):
+        self.own = name in vars(target)
+        self.original = vars(target).get(name)
+        self.layers = []  # [(handle, value)], oldest first
+
+
+# target (a module instance or a class) -> {attribute: _Slot}. Weak: a switched model that is dropped is
+# not kept alive by the bookkeeping.
+_SLOTS = weakref.WeakKeyDictionary()
+
+
+def _apply(target, name, slot):
+    """Make `target.<name>` what its slot says: the newest layer, else exactly the original."""
+    if slot.layers:
+        setattr(target, name, slot.layers[-1][1])
+    elif slot.own:
+        setattr(target, name, slot.original)
+    elif name in vars(target):
+        delattr(target, name)
+
+
+def _plain_getstate(self):
+    """__getstate__ of a switched instance: its state as the unswitched module's (see the module doc)."""
+    state = self.__dict__.copy()
+    for name, slot in _SLOTS.get(self, {}).items():
+        if slot.own:
+            state[name] = slot.original
+        else:
+            state.pop(name, None)
+    return state
+
+
 class FusedKernelsHandle:
-    """What `use_fused_kernels` replaced, and how to put it back (`revert()`, or a `with` block)."""
+    """What `use_fused_kernels` replaced, and how to take it back (`revert()`, or a `with` block)."""
 
     def __init__(self, backend):
         self.backend = backend
-        self._saved = []  # (target, attribute, had own attribute, previous value)
+        self._held = []  # (target, attribute) of this handle's layers, in the order they were added
         self.replaced = []  # human-readable lines: "encoder.low_layer.dconv_layer.0: PEG3D.forward -> fused_peg3d_forward"
         self.skipped = []  # groups or modules not switched, with the reason
-        self.active = True
+
+    @property
+    def active(self):
+        """Whether this handle still holds any layer."""
+        return bool(self._held)
+
+    def _push(self, target, name, value):
+        slots = _SLOTS.setdefault(target, {})
+        slot = slots.get(name)
+        if slot is None:
+            slot = slots[name] = _Slot(target, name)
+        slot.layers.append((self, value))
+        _apply(target, name, slot)
+        self._held.append((target, name))
 
     def _set(self, target, name, value, label):
-        own = name in vars(target)
-        self._saved.append((target, name, own, vars(target).get(name)))
-        setattr(target, name, value)
+        if not isinstance(target, type) and not any(t is target for t, _ in self._held):
+            # Pickle/deepcopy a switched instance as the plain module.
+            self._push(target, "__getstate__", types.MethodType(_plain_getstate, target))
+        self._push(target, name, value)
         self.replaced.append(label)
 
     def revert(self):
-        """Restore every replaced method; safe to call twice."""
-        while self._saved:
-            target, name, own, previous = self._saved.pop()
-            if own:
-                setattr(target, name, previous)
-            else:
-                delattr(target, name)
-        self.active = False
+        """Remove this handle's layers (whatever other handles did, in whatever order); safe to call twice."""
+        while self._held:
+            target, name = self._held.pop()
+            slots = _SLOTS.get(target, {})
+            slot = slots.get(name)
+            if slot is None:
+                continue
+            slot.layers = [layer for layer in slot.layers if layer[0] is not self]
+            _apply(target, name, slot)
+            if not slot.layers:
+                del slots[name]
+                if not slots:
+                    _SLOTS.pop(target, None)
 
     def __enter__(self):
         return self
@@ -194,7 +275,7 @@ def use_fused_kernels(model=None, *, backend="auto", haar=True, conv=True, ista=
     on = {"haar": bool(haar), "conv": bool(conv), "ista": bool(ista), "ffd": bool(ffd)}
     handle = FusedKernelsHandle(backend)
     plan = []
-    for matcher, method, path, op_name, flags_of in _PLAN:
+    for matcher, method, path, op_name, flags_of, known in _PLAN:
         flags = flags_of(on)
         if flags is None:
             continue
@@ -203,20 +284,33 @@ def use_fused_kernels(model=None, *, backend="auto", haar=True, conv=True, ista=
             handle.skipped.append(why)
             continue
         needs_op = op_name if (op_name != "causal_dwconv3d" or on["conv"]) else None
-        plan.append((matcher, method, fn, needs_op, flags))
+        plan.append((matcher, method, fn, needs_op, flags, known))
+    if not plan:
+        raise ValueError("use_fused_kernels: nothing to switch: every group (haar, conv, ista, ffd) is off")
 
     if model is not None:
         param = next(model.parameters(), None)
         if param is not None:
             _check_backend_can_run(backend, {p[3] for p in plan if p[3]}, param.device, param.dtype)
+        recognised = 0
         for name, module in model.named_modules():
             taken = set()
-            for matcher, method, fn, _, flags in plan:
+            for matcher, method, fn, _, flags, known in plan:
                 if method in taken or not matcher(module):
                     continue
                 taken.add(method)
-                label = f"{name or '<model>'}: {type(module).__name__}.{method} -> {fn.__name__}{_describe_flags(flags)}"
+                recognised += 1
+                where = name or "<model>"
+                owner = foreign_override(module, method, known)
+                if owner is not None:
+                    handle.skipped.append(f"{where}: {type(module).__name__} defines its own {method} "
+                                          f"({owner.__module__}.{owner.__qualname__}); left alone")
+                    continue
+                label = f"{where}: {type(module).__name__}.{method} -> {fn.__name__}{_describe_flags(flags)}"
                 handle._set(module, method, types.MethodType(_bind_backend(fn, backend, flags), module), label)
+        if not recognised:
+            raise ValueError(f"use_fused_kernels: no LeanVAE module recognised in {type(model).__name__} (looked for "
+                             "Patcher, UnPatcher, PEG3D, NAF, ResNAF and ISTA modules, ours or the published ones)")
         return handle
 
     if backend not in ("auto", "reference"):
@@ -232,7 +326,7 @@ def use_fused_kernels(model=None, *, backend="auto", haar=True, conv=True, ista=
     for cls in classes:
         probe = _probe_instance(cls)
         taken = set()
-        for matcher, method, fn, _, flags in plan:
+        for matcher, method, fn, _, flags, _known in plan:
             if method in taken or not matcher(probe):
                 continue
             taken.add(method)

@@ -13,8 +13,8 @@ import torch
 
 from leanvae.patcher import Patcher, UnPatcher
 
-from ..ops.haar import haar_patch, haar_unpatch
-from ..ops.haar_multilevel import DEFAULT_KEEP, haar_latent_compress, haar_latent_decompress, parse_keep
+from leanvae_kernels.ops.haar import haar_patch, haar_unpatch
+from leanvae_kernels.ops.haar_multilevel import DEFAULT_KEEP, haar_latent_compress, haar_latent_decompress, parse_keep
 
 
 def _autocast(t):
@@ -77,7 +77,7 @@ class HaarLatentCompressor(torch.nn.Module):
         return self.decompress(self.compress(z))
 
     def extra_repr(self):
-        from ..ops.haar_multilevel import BAND_NAMES
+        from leanvae_kernels.ops.haar_multilevel import BAND_NAMES
 
         keep = ", ".join(BAND_NAMES[k] for k in self.keep)
         return f"levels={self.levels}, keep=({keep}), drop={self.drop}, rescale={self.rescale}"

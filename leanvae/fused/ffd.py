@@ -20,7 +20,7 @@ one ~2 ms to fill). Every token's arithmetic is the same in a chunk as in the wh
     ffd_apply(ffd, x, residual)     ffd(x), or x + ffd(x) when residual; fused when `ffd` is recognised
 
 The feed-forward is a plain nn.Sequential, whose class is torch's: it is never patched itself; the fused
-NAF/ResNAF forwards (nn/peg3d.py) call ffd_apply on their `ffd_layer` children.
+NAF/ResNAF forwards (leanvae/fused/peg3d.py) call ffd_apply on their `ffd_layer` children.
 """
 import torch
 import torch.nn.functional as F

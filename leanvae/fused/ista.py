@@ -26,7 +26,7 @@ import torch
 
 from leanvae.modules import ISTA
 
-from ..ops.ista import ista_init_step, ista_residual_step, soft_threshold
+from leanvae_kernels.ops.ista import ista_init_step, ista_residual_step, soft_threshold
 
 
 def _autocast_dtype(device_type):
@@ -77,7 +77,7 @@ def fused_ista_forward(self, x, backend=None):
 
 
 def bind_fused_naf(module):
-    """Give the NAF blocks of an ISTA the fused NAF forward, when `leanvae_kernels.nn.peg3d` provides one.
+    """Give the NAF blocks of an ISTA the fused NAF forward, when `leanvae.fused.peg3d` provides one.
 
     Returns True if it did. Instance-level forwards only: parameters, state_dict keys and repr are unchanged.
     """
