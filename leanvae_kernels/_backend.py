@@ -12,7 +12,8 @@ Three layers, innermost first:
   * the environment variable `LEANVAE_KERNELS_BACKEND`, read when neither of the above is set.
 `"auto"` (the default) picks the fastest backend available for the tensor's device and dtype and falls
 back silently; an explicitly requested backend that cannot run raises `BackendUnavailable` saying why.
-Under `torch.compile` the setting is read when the graph is traced.
+Under `torch.compile` the setting is read when the graph is traced (a `use_backend` choice is baked
+into the graph; a `set_backend` change makes Dynamo retrace).
 """
 import contextlib
 import contextvars
@@ -61,9 +62,20 @@ def set_backend(name):
     return previous
 
 
+def _scoped_choice():
+    return _scoped.get()
+
+
+# torch.compile cannot trace ContextVar.get(): this marks _scoped_choice as a constant that Dynamo reads
+# once, when it traces (what torch.compiler.assume_constant_result does; set directly so that importing
+# this module does not import torch._dynamo, a second of cold start). A graph traced inside a
+# use_backend block keeps that block's choice; the process default is a global, guarded as usual.
+_scoped_choice._dynamo_marked_constant = True
+
+
 def get_backend():
     """The backend setting in force here: this context's `use_backend` choice, else the process default."""
-    scoped = _scoped.get()
+    scoped = _scoped_choice()
     if scoped is not None:
         return scoped
     default = _default
