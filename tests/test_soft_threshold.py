@@ -134,3 +134,29 @@ def test_explicit_unavailable_backend_raises():
         lk.soft_threshold(x, torch.tensor([0.1]), backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         lk.soft_threshold(x, torch.tensor([0.1]), backend="fast")
+
+
+HIGH_RANK = [(2, 1, 3, 1, 2, 2, 1, 3, 2), (1, 2, 1, 2, 1, 2, 1, 2, 1, 3, 1, 2)]  # 9 and 12 dims
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + kernel_backends())
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("shape", HIGH_RANK, ids=lambda s: f"{len(s)}d")
+def test_any_rank(backend, layout, shape):
+    # Issue 10 item 7: more than 8 dims failed in the native shape/stride description, also under auto.
+    x, theta = _inputs(shape, torch.float32)
+    if layout == "strided":
+        x = strided(x, "last")
+    g = torch.randn(shape, device=DEVICE)
+    xr, tr = x.clone().requires_grad_(), theta.clone().requires_grad_()
+    ref = model_expression(xr, tr)
+    ref.backward(g)
+    xf, tf = x.clone().requires_grad_(), theta.clone().requires_grad_()
+    if layout == "strided":
+        xf = strided(x, "last").requires_grad_()
+    out = lk.soft_threshold(xf, tf, backend=backend)
+    out.backward(g)
+    assert out.shape == x.shape
+    assert torch.equal(out, ref.detach())  # float32: the same expression, exactly (see the bitwise test)
+    assert torch.equal(xf.grad, xr.grad)
+    torch.testing.assert_close(tf.grad, tr.grad, rtol=1e-5, atol=1e-6)  # a sum in another order

@@ -102,7 +102,9 @@ def _(grad, x, theta):
 def _soft_threshold_op(x: torch.Tensor, theta: torch.Tensor, backend: str) -> torch.Tensor:
     _check_soft_threshold(x, theta)
     x = _promote(x, theta)
-    return _st_fwd(backend, x.device, x.dtype, x, theta)
+    # Elementwise: the kernels see one flat contiguous run, so any rank works (the native shape/stride
+    # descriptions hold at most 8 dims).
+    return _st_fwd(backend, x.device, x.dtype, x.reshape(-1), theta).view(x.shape)
 
 
 @_soft_threshold_op.register_fake
@@ -116,8 +118,9 @@ def _soft_threshold_backward_op(
     grad: torch.Tensor, x: torch.Tensor, theta: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     xp = _promote(x, theta)
-    grad_x, grad_theta = _st_bwd(backend, xp.device, xp.dtype, grad.to(xp.dtype).contiguous(), xp, theta)
-    return grad_x.to(x.dtype), grad_theta
+    flat_grad = grad.to(xp.dtype).contiguous().reshape(-1)
+    grad_x, grad_theta = _st_bwd(backend, xp.device, xp.dtype, flat_grad, xp.reshape(-1), theta)
+    return grad_x.view(x.shape).to(x.dtype), grad_theta
 
 
 @_soft_threshold_backward_op.register_fake
