@@ -32,7 +32,7 @@ def _soft_threshold_bwd_kernel(grad_ptr, x_ptr, theta_ptr, grad_x_ptr, partials_
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     th = tl.load(theta_ptr).to(tl.float32)
     s = _sign(v)
-    gs = tl.where(tl.abs(v) - th > 0, g * s, 0.0)
+    gs = tl.where(tl.abs(v) - th <= 0, 0.0, g * s)  # NaN passes, as in torch's relu backward
     tl.store(grad_x_ptr + offs, (gs * s).to(grad_x_ptr.dtype.element_ty), mask=mask)
     tl.store(partials_ptr + tl.program_id(0), tl.sum(gs, axis=0))
 
