@@ -82,7 +82,8 @@ def _dot_f32(a, b, FP32: tl.constexpr):
         return tl.dot(a, b.to(tl.float32), input_precision="ieee")
     else:
         hi = a.to(b.dtype)
-        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        # hi == a: lo is 0 (also for +/-inf, where a - hi would be NaN and the reference keeps the inf)
+        lo = tl.where(hi.to(tl.float32) == a, 0.0, a - hi.to(tl.float32)).to(b.dtype)
         return tl.dot(hi, b) + tl.dot(lo, b)
 
 
@@ -121,6 +122,9 @@ def _ista_step_fwd_kernel(src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, out_ptr, N, D, 
         phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
                                      MODE, FP32, BLOCK_C, BLOCK_K)
         e += _dot(x, tl.trans(phi), FP32)
+    # The padded measurements k >= d are x @ 0, NaN when x holds an inf: select them to 0 (never a
+    # product with 0) so that they cannot reach the update, which the reference never computes.
+    e = tl.where(ks[None, :] < d, e, 0.0)
     w = tl.load(w_ptr).to(tl.float32)
     for c0 in range(0, BLOCK_D, BLOCK_C):
         phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
@@ -157,6 +161,8 @@ def _ista_step_bwd_kernel(grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, grad_
                 g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
                 e += _dot(x, tl.trans(phi), FP32)
                 h += _dot(g, tl.trans(phi), FP32)
+            e = tl.where(ks[None, :] < d, e, 0.0)  # padded measurements: see the forward
+            h = tl.where(ks[None, :] < d, h, 0.0)
             tl.store(grad_y_ptr + rows[:, None] * d + ks[None, :], w * h, mask=ymask)
             acc_w += tl.sum(e * h, axis=1)
             for c0 in range(0, BLOCK_D, BLOCK_C):
