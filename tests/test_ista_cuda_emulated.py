@@ -215,11 +215,12 @@ def emu_fwd(lib, mode, src, u, y, phi, w):
 def emu_bwd(lib, mode, grad, src, u, y, phi, w):
     grad_x = torch.full_like(grad, float("nan"))
     grad_y = torch.full(y.shape, float("nan"), dtype=torch.float32)
-    part_phi, part_w = ops._partials(grad.shape[0], phi.shape[0], phi.shape[1], grad.device, grad.dtype)
+    rows = ops.ISTA_PARTIAL_ROWS_CUDA  # what the cuda backend passes
+    part_phi, part_w = ops._partials(grad.shape[0], phi.shape[0], phi.shape[1], grad.device, grad.dtype, rows)
     part_phi.fill_(float("nan"))
     part_w.fill_(float("nan"))
     _call(lib, 1, [grad, src, y, phi, w, grad_x, grad_y, part_phi, part_w] + ([u] if mode == 1 else []),
-          [mode, ops.ISTA_PARTIAL_ROWS])
+          [mode, rows])
     return (grad_x, grad_y) + ops._finish_grads(part_phi, part_w, phi, w)
 
 
@@ -298,3 +299,30 @@ def test_emulated_grid_covers_the_work_whatever_the_sm_count(emu):
         _call(emu, 0, [src, y, phi, w, out], [0], sms=sms)
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_backward_grid_fills_the_gpu():
+    # Issue 13: at 20,000 rows the backward launched 79 blocks (one per 256-row partial) for the 132 SMs
+    # of an H100/H200; with the CUDA partial size every SM gets work at that size.
+    blocks = -(-20000 // ops.ISTA_PARTIAL_ROWS_CUDA)
+    assert blocks >= 2 * 132
+    part_phi, _ = ops._partials(20000, 4, 16, torch.device("cpu"), torch.float32, ops.ISTA_PARTIAL_ROWS_CUDA)
+    assert part_phi.shape[0] == blocks
+
+
+def test_emulated_partials_one_per_cuda_block(emu):
+    # The partial rows the launcher is given decide the partial layout: 300 rows -> 5 partials of 64 rows,
+    # each equal to the sum over its own rows (the emulated kernel against per-block CPU sums).
+    n, big_d, d = 300, 20, 4
+    src, u, y, phi, w, grad = _inputs(0, n, big_d, d, torch.float32, seed=2)
+    part_phi, part_w = ops._partials(n, d, big_d, y.device, y.dtype, ops.ISTA_PARTIAL_ROWS_CUDA)
+    _call(emu, 1, [grad, src, y, phi, w, torch.empty_like(grad), torch.empty(n, d), part_phi, part_w],
+          [0, ops.ISTA_PARTIAL_ROWS_CUDA])
+    assert part_phi.shape[0] == 5
+    e = src @ phi.T - y
+    h = grad @ phi.T
+    for b in range(5):
+        rows = slice(64 * b, min(n, 64 * (b + 1)))
+        expected = e[rows].T @ grad[rows] + h[rows].T @ src[rows]
+        torch.testing.assert_close(part_phi[b], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(part_w[b], (e[rows] * h[rows]).sum(), rtol=1e-5, atol=1e-5)

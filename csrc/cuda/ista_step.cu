@@ -7,8 +7,9 @@
 // R rows at a time: each thread forms its share of the R x d dot products, a warp reduce-scatter leaves
 // one sum per lane, and the warps' sums are added in warp order through shared memory. The rank-d
 // update then reads e from shared memory. Every sum has a fixed order, so results are deterministic.
-// The backward keeps its grad_phi partial in registers (DMAX x 4 per thread) over a block of
-// `rows_per_partial` rows and writes one partial per block, as the CPU kernel does.
+// The backward keeps its grad_phi partial in registers (up to 16 x 4 per thread; for d > 16 one pass
+// over the rows per 16 phi rows) over a block of `rows_per_partial` rows and writes one partial per
+// block, as the CPU kernel does.
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -243,12 +244,19 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
   fill_tables<T, MODE>(p, phi_s, qt_s);
   __syncthreads();
 
+  // grad_phi rows accumulated in registers per pass over the block's rows: every d at once up to 16, and
+  // above 16 at a time, one pass per 16 (recomputing the dot products): DMAX x 4 = 256 accumulators
+  // per thread at d = 64 spilled 544-576 bytes at 255 registers on sm_90.
+  constexpr int KR = DMAX < 16 ? DMAX : 16;
   const float w = p.w.get();
   const int j0 = threadIdx.x * kCols, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t blocks = (p.n + p.rows_per_partial - 1) / p.rows_per_partial;
+  const int passes = DMAX <= KR ? 1 : (p.d + KR - 1) / KR;
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    float gacc[DMAX][kCols] = {};
-    float wacc = 0.f;
+   float wacc = 0.f;
+   for (int pass = 0; pass < passes; ++pass) {
+    const int k0 = pass * KR;
+    float gacc[KR][kCols] = {};
     const int64_t end = min(p.n, (b + 1) * p.rows_per_partial);
     for (int64_t row0 = b * p.rows_per_partial; row0 < end; row0 += R) {
       float xg[VR][kCols];  // rows 0..R-1: x, rows R..2R-1: grad
@@ -275,7 +283,9 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
         }
       }
       __syncthreads();
-      // grad_y = w * h and this thread's share of sum(e . h), in a fixed assignment of (row, k) to threads.
+      // grad_y = w * h and this thread's share of sum(e . h), in a fixed assignment of (row, k) to threads;
+      // then grad_x. Once, in the first pass.
+      if (pass == 0) {
       for (int t = threadIdx.x; t < R * p.DP; t += blockDim.x) {
         const int r = t / p.DP, k = t % p.DP;
         const int64_t row = row0 + r;
@@ -304,25 +314,29 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
         for (int e = 0; e < kCols; ++e) o[e] = xg[R + r][e] - w * v[r][e];
         store4(static_cast<T*>(p.out) + (row0 + r) * p.D, j0, p.D, p.vec, o);
       }
+      }
 #pragma unroll
-      for (int k = 0; k < DMAX; ++k) {
+      for (int kk = 0; kk < KR; ++kk) {
+        const int k = k0 + kk;
         if (k >= p.d) break;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const float ek = e_s[r * p.DP + k], hk = h_s[r * p.DP + k];
 #pragma unroll
-          for (int e = 0; e < kCols; ++e) gacc[k][e] += ek * xg[R + r][e] + hk * xg[r][e];
+          for (int e = 0; e < kCols; ++e) gacc[kk][e] += ek * xg[R + r][e] + hk * xg[r][e];
         }
       }
     }
     float* part = p.part_phi + b * p.d * static_cast<int64_t>(p.D);
 #pragma unroll
-    for (int k = 0; k < DMAX; ++k) {
+    for (int kk = 0; kk < KR; ++kk) {
+      const int k = k0 + kk;
       if (k >= p.d) break;
 #pragma unroll
       for (int e = 0; e < kCols; ++e)
-        if (j0 + e < p.D) part[static_cast<int64_t>(k) * p.D + j0 + e] = gacc[k][e];
+        if (j0 + e < p.D) part[static_cast<int64_t>(k) * p.D + j0 + e] = gacc[kk][e];
     }
+   }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) wacc += __shfl_xor_sync(kFull, wacc, off);
     if (lane == 0) wred_s[warp] = wacc;
