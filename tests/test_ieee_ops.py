@@ -68,19 +68,25 @@ def ista_inputs(mode, n, big_d, d):
     return t
 
 
-# The data inputs (not the parameters phi and w, see the note at the end of the file).
+# The data inputs (not the parameters phi and w, see the note below the tests).
 NONFINITE_ARG = [("step", "r"), ("step", "y"), ("residual", "r"), ("residual", "u"), ("residual", "y"),
                  ("init", "y"), ("init", "Q")]
 
 
+# One value alone (grad_w is a sum over everything: a single NaN elsewhere would hide an +/-Inf vs NaN
+# difference), and all three at once in different rows.
+VALUES = {"inf": [INF], "-inf": [-INF], "nan": [NAN], "mixed": [INF, -INF, NAN]}
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("values", sorted(VALUES))
 @pytest.mark.parametrize("d", [1, 3, 4, 16])
 @pytest.mark.parametrize("mode,arg", NONFINITE_ARG, ids=[f"{m}-{a}" for m, a in NONFINITE_ARG])
-def test_ista_nonfinite_inputs_match_reference(mode, arg, d, backend):
+def test_ista_nonfinite_inputs_match_reference(mode, arg, d, values, backend):
     fn, names = ISTA[mode]
     n, big_d = 5, 24
     t = ista_inputs(mode, n, big_d, d)
-    t[arg] = poke(t[arg], [INF, -INF, NAN] if t[arg].numel() > 3 else [INF])
+    t[arg] = poke(t[arg], VALUES[values] if t[arg].numel() > 3 else [INF])
     inputs = [t[k] for k in names]
     grad = torch.randn(n, big_d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     ref_out, ref_grads = run(fn, inputs, [grad], "reference")
@@ -88,8 +94,6 @@ def test_ista_nonfinite_inputs_match_reference(mode, arg, d, backend):
     assert_same_ieee(out[0], ref_out[0], "output")
     assert pattern(ref_out[0]).any(), "the case must produce non-finite outputs, else it tests nothing"
     for name, a, e in zip(names, grads, ref_grads):
-        if name == "w":
-            continue  # see the note at the end of the file
         assert_same_ieee(a, e, f"grad of {name}")
 
 
@@ -104,10 +108,11 @@ def test_ista_inf_row_keeps_inf_where_reference_does(backend):
     assert ref[1].isinf().sum() >= 15  # the reference's own pattern, as stated
     assert_same_ieee(got, ref, "output")
 
-# Not covered (known differences, recorded in the report): grad_w when a data input is non-finite (the
-# kernels sum e . h per row, the reference sums g . (e @ phi): one infinity in e gives +/-Inf here and NaN
-# there), and the gradients when the parameters phi or w themselves are non-finite (the kernels apply w
-# after the g @ phi^T product, autograd before it).
+# grad_w: the kernels sum e . h per row, the reference g . (e @ phi); one infinity in e gives +/-Inf in the
+# first and NaN in the second, so a row whose e . h is not finite is summed in the reference's order.
+# Not covered (a known difference): the gradients when the parameters phi or w themselves are non-finite
+# (the kernels apply w after the g @ phi^T product, autograd before it), and an inf in grad_output in a
+# column where phi is all zero.
 
 
 # ------------------------------------------------------------------------------------------ Haar

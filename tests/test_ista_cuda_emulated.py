@@ -29,6 +29,7 @@ CSRC = os.path.join(ROOT, "csrc")
 EMU_SMS = 3  # streaming multiprocessors of the emulated device: small, so blocks loop over their work
 
 SHIM = r"""
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -46,6 +47,7 @@ SHIM = r"""
 #define __host__
 #define __forceinline__ inline
 using std::min;
+using std::isfinite;
 struct dim3 { unsigned x = 1, y = 1, z = 1; dim3() {} dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
 struct alignas(16) float4 { float x, y, z, w; };
 static thread_local dim3 blockIdx, threadIdx, gridDim, blockDim;
@@ -72,12 +74,22 @@ struct EmuBlock {
   std::barrier<> block;
   std::vector<std::unique_ptr<std::barrier<>>> warp;
   std::vector<float> xchg;
+  std::atomic<int> any{0};
   EmuBlock(unsigned threads, size_t smem_bytes) : smem(smem_bytes / sizeof(float) + 4, NAN), block(threads), xchg(threads) {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) warp.emplace_back(new std::barrier<>(32));
   }
 };
 static thread_local EmuBlock* emu_block = nullptr;
 inline void __syncthreads() { emu_block->block.arrive_and_wait(); }
+inline int __syncthreads_or(int pred) {
+  if (pred) emu_block->any.store(1);
+  emu_block->block.arrive_and_wait();
+  const int r = emu_block->any.load();
+  emu_block->block.arrive_and_wait();
+  if (threadIdx.x == 0) emu_block->any.store(0);
+  emu_block->block.arrive_and_wait();
+  return r;
+}
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const unsigned t = threadIdx.x, base = t & ~31u;
   auto& bar = *emu_block->warp[t >> 5];
@@ -326,3 +338,26 @@ def test_emulated_partials_one_per_cuda_block(emu):
         expected = e[rows].T @ grad[rows] + h[rows].T @ src[rows]
         torch.testing.assert_close(part_phi[b], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(part_w[b], (e[rows] * h[rows]).sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("d", [1, 4, 16])
+@pytest.mark.parametrize("mode,arg", [(0, "src"), (0, "y"), (1, "u"), (2, "y"), (2, "src")],
+                         ids=["step-r", "step-y", "residual-u", "init-y", "init-Q"])
+def test_emulated_cuda_nonfinite_data_like_reference(emu, mode, arg, d, value):
+    # Issue 10 item 10 on the CUDA kernels: +Inf, -Inf and NaN in the data give the reference's NaN/Inf
+    # pattern in the output and every gradient (grad_w included: rows in the reference's order).
+    from test_ieee_ops import assert_same_ieee, poke
+
+    n, big_d = 70, 24
+    src, u, y, phi, w, grad = _inputs(mode, n, big_d, d, torch.float32, seed=d)
+    named = {"src": src, "u": u, "y": y}
+    named[arg] = poke(named[arg], [value])  # alone: grad_w sums everything, another NaN would hide it
+    src, u, y = named["src"], named["u"], named["y"]
+    out = emu_fwd(emu, mode, src, u, y, phi, w)
+    ref = ops._step_fwd("reference", y.device, torch.float32, mode, src, u, y, phi, w)
+    assert_same_ieee(out, ref, "forward")
+    got = emu_bwd(emu, mode, grad, src, u, y, phi, w)
+    exp = ops._step_bwd("reference", y.device, torch.float32, mode, grad, src, u, y, phi, w)
+    for name, a, e in zip(("grad_x", "grad_y", "grad_phi", "grad_w"), got, exp):
+        assert_same_ieee(a, e.float(), name)

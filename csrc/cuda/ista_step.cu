@@ -262,7 +262,7 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
       float xg[VR][kCols];  // rows 0..R-1: x, rows R..2R-1: grad
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        load_x<T, MODE>(p, row0 + r, j0, qt_s, xg[r]);
+        load_x<T, MODE>(p, row0 + r, j0, qt_s, xg[r]);  // past `end` only past n (end is n or a multiple of R)
         if (row0 + r < end) {
           load4(static_cast<const T*>(p.grad) + (row0 + r) * p.grad_rs, j0, p.D, p.vec, xg[R + r]);
         } else {
@@ -286,6 +286,40 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
       // grad_y = w * h and this thread's share of sum(e . h), in a fixed assignment of (row, k) to threads;
       // then grad_x. Once, in the first pass.
       if (pass == 0) {
+      bool nonfinite = false;
+      for (int t = threadIdx.x; t < R * p.DP; t += blockDim.x) {
+        const int r = t / p.DP, k = t % p.DP;
+        if (k < p.d && row0 + r < end && !isfinite(e_s[t] * h_s[t])) nonfinite = true;
+      }
+      if (__syncthreads_or(nonfinite)) {
+        // Rare (an inf or NaN in these rows' data): a row whose e . h is not finite adds its share of
+        // grad_w in the reference's order, g . (e @ phi), over this thread's columns (csrc/cpu/ista_step.cpp:
+        // reference_order_row); the other rows as below.
+        unsigned bad_rows = 0;  // a bit per row (an array indexed by a runtime row would live in local memory)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          for (int k = 0; k < p.d && row0 + r < end; ++k)
+            if (!isfinite(e_s[r * p.DP + k] * h_s[r * p.DP + k])) bad_rows |= 1u << r;
+        for (int t = threadIdx.x; t < R * p.DP; t += blockDim.x) {
+          const int r = t / p.DP, k = t % p.DP;
+          const int64_t row = row0 + r;
+          if (k < p.d && row < end) {
+            p.grad_y[row * p.d + k] = w * h_s[t];
+            if (!((bad_rows >> r) & 1u)) wacc += e_s[t] * h_s[t];
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (!((bad_rows >> r) & 1u)) continue;
+#pragma unroll
+          for (int e = 0; e < kCols; ++e) {
+            if (j0 + e >= p.D) break;
+            float m = 0.f;
+            for (int k = 0; k < p.d; ++k) m += e_s[r * p.DP + k] * phi_s[k * p.D4 + j0 + e];
+            wacc += xg[R + r][e] * m;
+          }
+        }
+      } else {
       for (int t = threadIdx.x; t < R * p.DP; t += blockDim.x) {
         const int r = t / p.DP, k = t % p.DP;
         const int64_t row = row0 + r;
@@ -293,6 +327,7 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
           p.grad_y[row * p.d + k] = w * h_s[t];
           wacc += e_s[t] * h_s[t];
         }
+      }
       }
       float v[R][kCols] = {};
       for (int k = 0; k < p.d; ++k) {

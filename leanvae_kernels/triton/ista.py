@@ -99,7 +99,8 @@ def _chunk(src_ptr, u_ptr, q_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_r
     phi = tl.load(phi_ptr + ks[:, None] * D + cols[None, :], mask=kd, other=0.0)
     if MODE == 2:
         qt = tl.load(q_ptr + cols[None, :] * d + ks[:, None], mask=kd, other=0.0)
-        x = _dot(y, qt, FP32).to(y.dtype)
+        # rows past the end: y = 0 there, but 0 * an inf in Q is NaN, and x meets h = 0 in the backward
+        x = tl.where(rmask[:, None], _dot(y, qt, FP32), 0.0).to(y.dtype)
     else:
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(src_ptr + rows[:, None] * src_rs + cols[None, :], mask=mask, other=0.0)
@@ -164,7 +165,13 @@ def _ista_step_bwd_kernel(grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, grad_
             e = tl.where(ks[None, :] < d, e, 0.0)  # padded measurements: see the forward
             h = tl.where(ks[None, :] < d, h, 0.0)
             tl.store(grad_y_ptr + rows[:, None] * d + ks[None, :], w * h, mask=ymask)
-            acc_w += tl.sum(e * h, axis=1)
+            # grad_w per row: e . h, or where that is not finite (an inf/NaN in the row's data) the
+            # reference's order g . (e @ phi), summed in the chunk loop below (csrc/cpu/ista_step.cpp:
+            # reference_order_row explains why the two differ there)
+            rw = tl.sum(e * h, axis=1)
+            bad = (rw != rw) | (tl.abs(rw) == float("inf"))
+            any_bad = tl.max(bad.to(tl.int32), axis=0) > 0
+            slow = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for c0 in range(0, BLOCK_D, BLOCK_C):
                 phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
                                              MODE, FP32, BLOCK_C, BLOCK_K)
@@ -177,6 +184,9 @@ def _ista_step_bwd_kernel(grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, grad_
                 p = tl.load(p_ptrs, mask=kd, other=0.0)
                 p += _dot_f32(tl.trans(e), g, FP32) + _dot_f32(tl.trans(h), x, FP32)
                 tl.store(p_ptrs, p, mask=kd)
+                if any_bad:
+                    slow += tl.sum(g.to(tl.float32) * _dot_f32(e, phi, FP32), axis=1)
+            acc_w += tl.where(bad, slow, rw)
             tl.debug_barrier()  # the next rows' read of the partial must see this store, whichever thread made it
     tl.store(part_w_ptr + pid, tl.sum(acc_w, axis=0))
 
