@@ -2,6 +2,7 @@
 import contextlib
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # cuda/triton kernels; float64 -> reference
@@ -128,11 +129,13 @@ def forward_ad_error(op_name):
 
 
 def _has_tangent(args):
-    from torch.autograd.forward_ad import unpack_dual
-
+    # Every forward-mode entry point (forward_ad.dual_level, and torch.func.jvp/jacfwd, which open one)
+    # raises the level from -1; outside one no tensor can carry a tangent (the fast path of every call).
+    if _forward_ad._current_level < 0:
+        return False
     for a in args:
         if isinstance(a, torch.Tensor):
-            if unpack_dual(a).tangent is not None:
+            if _forward_ad.unpack_dual(a).tangent is not None:
                 return True
         elif isinstance(a, (list, tuple)) and _has_tangent(a):
             return True
