@@ -196,6 +196,11 @@ def test_band_between_levels_does_not_overflow_float16(backend, levels):
     assert out.isfinite().all(), "the band between levels was rounded to float16 and overflowed"
     ref = lk.haar_latent_compress(z, levels, backend="reference")
     assert ref.isfinite().all() and torch.equal(out, ref)
+    # The example, a constant 6e4: the reference's LLL overflows float16 at the end, but the other
+    # kept bands are exactly 0; a 16-bit band between levels made them inf - inf = NaN.
+    const = torch.full((1, 2, 2 * n, 2 * n, 2 * n), 6e4, dtype=torch.float16, device=DEVICE)
+    got, want = (lk.haar_latent_compress(const, levels, backend=b) for b in (backend, "reference"))
+    assert want[:, 2:].eq(0).all() and torch.equal(got.isfinite(), want.isfinite()) and got[:, 2:].eq(0).all()
     # decompress and the backward pass (adjoints) keep float32 between levels too
     zc = torch.zeros_like(ref)
     zc[:, :2] = 3e4
