@@ -70,7 +70,7 @@ def ista_inputs(mode, n, big_d, d):
 
 # The data inputs (not the parameters phi and w, see the note below the tests).
 NONFINITE_ARG = [("step", "r"), ("step", "y"), ("residual", "r"), ("residual", "u"), ("residual", "y"),
-                 ("init", "y"), ("init", "Q")]
+                 ("init", "y"), ("init", "Q"), ("step", "phi"), ("residual", "phi"), ("init", "phi")]
 
 
 # One value alone (grad_w is a sum over everything: a single NaN elsewhere would hide an +/-Inf vs NaN

@@ -342,18 +342,18 @@ def test_emulated_partials_one_per_cuda_block(emu):
 
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("d", [1, 4, 16])
-@pytest.mark.parametrize("mode,arg", [(0, "src"), (0, "y"), (1, "u"), (2, "y"), (2, "src")],
-                         ids=["step-r", "step-y", "residual-u", "init-y", "init-Q"])
+@pytest.mark.parametrize("mode,arg", [(0, "src"), (0, "y"), (1, "u"), (2, "y"), (2, "src"), (0, "phi"), (2, "phi")],
+                         ids=["step-r", "step-y", "residual-u", "init-y", "init-Q", "step-phi", "init-phi"])
 def test_emulated_cuda_nonfinite_data_like_reference(emu, mode, arg, d, value):
-    # Issue 10 item 10 on the CUDA kernels: +Inf, -Inf and NaN in the data give the reference's NaN/Inf
+    # Issue 10 item 10 on the CUDA kernels: +Inf, -Inf and NaN in the data or phi give the reference's NaN/Inf
     # pattern in the output and every gradient (grad_w included: rows in the reference's order).
     from test_ieee_ops import assert_same_ieee, poke
 
     n, big_d = 70, 24
     src, u, y, phi, w, grad = _inputs(mode, n, big_d, d, torch.float32, seed=d)
-    named = {"src": src, "u": u, "y": y}
+    named = {"src": src, "u": u, "y": y, "phi": phi}
     named[arg] = poke(named[arg], [value])  # alone: grad_w sums everything, another NaN would hide it
-    src, u, y = named["src"], named["u"], named["y"]
+    src, u, y, phi = named["src"], named["u"], named["y"], named["phi"]
     out = emu_fwd(emu, mode, src, u, y, phi, w)
     ref = ops._step_fwd("reference", y.device, torch.float32, mode, src, u, y, phi, w)
     assert_same_ieee(out, ref, "forward")

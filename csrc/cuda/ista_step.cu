@@ -279,7 +279,8 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
           const int64_t row = row0 + vr;
           e_s[t] = (k < p.d && row < end) ? s - to_float(static_cast<const T*>(p.y)[row * p.y_rs + k]) : 0.f;
         } else {
-          h_s[t - R * p.DP] = s;  // grad rows past the end are zero, so is s
+          // rows past the end: 0, not 0 . phi (NaN for an inf in phi, which would reach the grad_phi partial)
+          h_s[t - R * p.DP] = (row0 + vr - R < end) ? s : 0.f;
         }
       }
       __syncthreads();

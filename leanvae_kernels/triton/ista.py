@@ -162,8 +162,10 @@ def _ista_step_bwd_kernel(grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, grad_
                 g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
                 e += _dot(x, tl.trans(phi), FP32)
                 h += _dot(g, tl.trans(phi), FP32)
-            e = tl.where(ks[None, :] < d, e, 0.0)  # padded measurements: see the forward
-            h = tl.where(ks[None, :] < d, h, 0.0)
+            # padded measurements (see the forward) and rows past the end (0 . phi, NaN for an inf in phi)
+            real = rmask[:, None] & (ks[None, :] < d)
+            e = tl.where(real, e, 0.0)
+            h = tl.where(real, h, 0.0)
             tl.store(grad_y_ptr + rows[:, None] * d + ks[None, :], w * h, mask=ymask)
             # grad_w per row: e . h, or where that is not finite (an inf/NaN in the row's data) the
             # reference's order g . (e @ phi), summed in the chunk loop below (csrc/cpu/ista_step.cpp:
