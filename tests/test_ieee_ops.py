@@ -80,7 +80,7 @@ VALUES = {"inf": [INF], "-inf": [-INF], "nan": [NAN], "mixed": [INF, -INF, NAN]}
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("values", sorted(VALUES))
-@pytest.mark.parametrize("d", [1, 3, 4, 16])
+@pytest.mark.parametrize("d", [1, 4, 16])  # 1: odd, padded on the CPU; 4, 16: the model's
 @pytest.mark.parametrize("mode,arg", NONFINITE_ARG, ids=[f"{m}-{a}" for m, a in NONFINITE_ARG])
 def test_ista_nonfinite_inputs_match_reference(mode, arg, d, values, backend):
     fn, names = ISTA[mode]
