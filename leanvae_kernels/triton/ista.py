@@ -172,8 +172,16 @@ def _ista_step_bwd_kernel(grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, grad_
             # reference_order_row explains why the two differ there)
             rw = tl.sum(e * h, axis=1)
             bad = (rw != rw) | (tl.abs(rw) == float("inf"))
-            any_bad = tl.max(bad.to(tl.int32), axis=0) > 0
-            slow = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            if tl.max(bad.to(tl.int32), axis=0) > 0:  # rare: a pass of its own keeps the main loop's registers
+                slow = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for c0 in range(0, BLOCK_D, BLOCK_C):
+                    phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs,
+                                                 u_rs, MODE, FP32, BLOCK_C, BLOCK_K)
+                    g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                                other=0.0)
+                    slow += tl.sum(g.to(tl.float32) * _dot_f32(e, phi, FP32), axis=1)
+                rw = tl.where(bad, slow, rw)
+            acc_w += rw
             for c0 in range(0, BLOCK_D, BLOCK_C):
                 phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
                                              MODE, FP32, BLOCK_C, BLOCK_K)
@@ -186,9 +194,6 @@ def _ista_step_bwd_kernel(grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, grad_
                 p = tl.load(p_ptrs, mask=kd, other=0.0)
                 p += _dot_f32(tl.trans(e), g, FP32) + _dot_f32(tl.trans(h), x, FP32)
                 tl.store(p_ptrs, p, mask=kd)
-                if any_bad:
-                    slow += tl.sum(g.to(tl.float32) * _dot_f32(e, phi, FP32), axis=1)
-            acc_w += tl.where(bad, slow, rw)
             tl.debug_barrier()  # the next rows' read of the partial must see this store, whichever thread made it
     tl.store(part_w_ptr + pid, tl.sum(acc_w, axis=0))
 
