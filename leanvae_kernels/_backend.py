@@ -1,12 +1,24 @@
 """Backend selection: which implementation (cuda, triton, cpu, reference) runs an op for a given tensor.
 
-The process-wide setting comes from `set_backend(...)` or the environment variable
-`LEANVAE_KERNELS_BACKEND`; `"auto"` (the default) picks the fastest backend available for the tensor's
-device and dtype and falls back silently; an explicitly requested backend that cannot run raises
-`BackendUnavailable` saying why. Under `torch.compile` the setting is read when the graph is traced.
+Three layers, innermost first:
+  * `with use_backend(name):` scopes a choice to the current context: the calling thread (or asyncio
+    task) only, for the duration of the block. It lives in a `contextvars.ContextVar` and is restored
+    on exit by its token, so blocks in different threads may overlap and exit in any order without
+    seeing each other's choice. A thread started inside a block does NOT inherit it (Python starts
+    threads with an empty context), it sees the process default.
+  * `set_backend(name)` sets the process default: what every thread and context without an active
+    `use_backend` block uses. Called inside a `use_backend` block it changes the default, not the
+    block's choice (which stays in force until the block exits).
+  * the environment variable `LEANVAE_KERNELS_BACKEND`, read when neither of the above is set.
+`"auto"` (the default) picks the fastest backend available for the tensor's device and dtype and falls
+back silently; an explicitly requested backend that cannot run raises `BackendUnavailable` saying why.
+Under `torch.compile` the setting is read when the graph is traced (a `use_backend` choice is baked
+into the graph; a `set_backend` change makes Dynamo retrace).
 """
 import contextlib
+import contextvars
 import os
+import threading
 
 import torch
 
@@ -34,32 +46,51 @@ def _from_env():
     return _validate(value, f"environment variable {ENV_VAR}")
 
 
-_setting = None  # None: follow the environment variable
+_default = None  # process default from set_backend(); None: follow the environment variable
+_default_lock = threading.Lock()
+_scoped = contextvars.ContextVar("leanvae_kernels_backend", default=None)  # use_backend's choice, per context
 
 
 def set_backend(name):
-    """Set the process-wide backend ("auto", "cuda", "triton", "cpu" or "reference"); returns the previous one."""
-    global _setting
-    previous = get_backend()
-    _setting = _validate(name)
+    """Set the process default backend ("auto", "cuda", "triton", "cpu" or "reference") that every thread
+    and context without an active `use_backend` block uses; returns the previous default."""
+    global _default
+    name = _validate(name)
+    with _default_lock:
+        previous = _default if _default is not None else _from_env()
+        _default = name
     return previous
 
 
+def _scoped_choice():
+    return _scoped.get()
+
+
+# torch.compile cannot trace ContextVar.get(): this marks _scoped_choice as a constant that Dynamo reads
+# once, when it traces (what torch.compiler.assume_constant_result does; set directly so that importing
+# this module does not import torch._dynamo, a second of cold start). A graph traced inside a
+# use_backend block keeps that block's choice; the process default is a global, guarded as usual.
+_scoped_choice._dynamo_marked_constant = True
+
+
 def get_backend():
-    """The process-wide backend setting."""
-    return _setting if _setting is not None else _from_env()
+    """The backend setting in force here: this context's `use_backend` choice, else the process default."""
+    scoped = _scoped_choice()
+    if scoped is not None:
+        return scoped
+    default = _default
+    return default if default is not None else _from_env()
 
 
 @contextlib.contextmanager
 def use_backend(name):
-    """`with use_backend("cpu"): ...` sets the backend for the block and restores it afterwards."""
-    global _setting
-    saved = _setting
-    set_backend(name)
+    """`with use_backend("cpu"): ...` sets the backend for the block, in this thread/context only, and
+    restores the previous choice on exit (also when blocks in other threads overlap or exit first)."""
+    token = _scoped.set(_validate(name))
     try:
         yield
     finally:
-        _setting = saved
+        _scoped.reset(token)
 
 
 def resolve(requested):

@@ -96,8 +96,8 @@ extern "C" const char* emu_call(int which, const void* const* ptrs, const int* d
 def _emulated_source():
     src = open(os.path.join(CSRC, "cuda", "haar.cu")).read()
     src = src.replace('#include "cuda_common.cuh"', "").replace('#include "../common/haar_tree.h"', '#include "common/haar_tree.h"')
-    # kernel<T><<<grid, block, shmem, stream>>>(args);  ->  emu_launch(grid, block, [&] { kernel<T>(args); });
-    src, n = re.subn(r"(\w+<T>)<<<([^,]+), (dim3\([^)]*\)), [^>]*>>>\((.*?)\);", r"emu_launch(\2, \3, [&] { \1(\4); });",
+    # kernel<TI, TO><<<grid, block, shmem, stream>>>(args);  ->  emu_launch(grid, block, [&] { kernel<TI, TO>(args); });
+    src, n = re.subn(r"(\w+<[\w, ]+>)<<<([^,]+), (dim3\([^)]*\)), [^>]*>>>\((.*?)\);", r"emu_launch(\2, \3, [&] { \1(\4); });",
                      src, flags=re.S)
     assert n == 2, "expected the two kernel launches of csrc/cuda/haar.cu"
     return SHIM + src + DRIVER
@@ -130,18 +130,19 @@ def _call(lib, which, tensors, ints, floats):
         raise RuntimeError(err.decode())
 
 
-def _analysis(lib, x, two_d, three_d, s2, s3, slots=H.IDENTITY_SLOTS, mask=H.ALL_BANDS):
+def _analysis(lib, x, two_d, three_d, s2, s3, slots=H.IDENTITY_SLOTS, mask=H.ALL_BANDS, out_dtype=None):
     b, c, t, h, w = x.shape
     ho, wo, f0 = (h + 1) // 2, (w + 1) // 2, int(two_d)
-    xi = torch.full((b, 4 * c, 1, ho, wo), float("nan"), dtype=x.dtype) if two_d else x
-    xv = torch.full((b, (max(slots) + 1) * c, (t - f0 + 1) // 2, ho, wo), float("nan"), dtype=x.dtype) if three_d else x
+    out_dtype = out_dtype or x.dtype
+    xi = torch.full((b, 4 * c, 1, ho, wo), float("nan"), dtype=out_dtype) if two_d else x
+    xv = torch.full((b, (max(slots) + 1) * c, (t - f0 + 1) // 2, ho, wo), float("nan"), dtype=out_dtype) if three_d else x
     _call(lib, 0, [x, xi, xv], H._band_ints(two_d, three_d, slots, mask), [s2, s3])
     return (xi if two_d else None), (xv if three_d else None)
 
 
-def _synthesis(lib, xi, xv, shape, s2, s3, slots=H.IDENTITY_SLOTS, mask=H.ALL_BANDS):
+def _synthesis(lib, xi, xv, shape, s2, s3, slots=H.IDENTITY_SLOTS, mask=H.ALL_BANDS, out_dtype=None):
     ref = xv if xv is not None else xi
-    y = torch.full(shape, float("nan"), dtype=ref.dtype)
+    y = torch.full(shape, float("nan"), dtype=out_dtype or ref.dtype)
     _call(lib, 1, [ref if xi is None else xi, ref if xv is None else xv, y],
           H._band_ints(xi is not None, xv is not None, slots, mask), [s2, s3])
     return y
@@ -206,3 +207,21 @@ def test_emulated_cuda_int64_offsets(emu):
     y = buf.as_strided((1, 1, 3, 2, 4), (0, 0, 1 << 30, 4, 1))
     _call(emu, 1, [ri, rv, y], H._band_ints(True, True, H.IDENTITY_SLOTS, H.ALL_BANDS), [0.25, 0.125])
     assert torch.equal(y.contiguous(), lk.haar_unpatch(ri, rv, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: DTYPE_IDS[d])
+def test_emulated_cuda_mixed_dtypes_between_levels(emu, dtype):
+    # The latent transforms' levels: 16-bit in -> float32 out, float32 in -> 16-bit out (issue 10 item 6),
+    # both directions, against the CPU kernels (same float32 arithmetic, one rounding at the end).
+    z = torch.randn(1, 2, 8, 6, 10).to(dtype)
+    lll = ((0,) + (-1,) * 7, 1)
+    for out_dtype in (torch.float32, dtype):
+        src = z if out_dtype == torch.float32 else z.float()
+        _, a = _analysis(emu, src, False, True, 1.0, 0.5, *lll, out_dtype=out_dtype)
+        _, r = H.analysis("cpu", src, three_d=True, s3=0.5, slots=lll[0], mask=lll[1], out_dtype=out_dtype)
+        assert a.dtype == r.dtype == out_dtype and torch.equal(a, r)
+        y = _synthesis(emu, None, r, src.shape, 1.0, 2.0, *lll, out_dtype=src.dtype)
+        ry = H.synthesis("cpu", None, r, src.shape, s3=2.0, slots=lll[0], mask=lll[1], out_dtype=src.dtype)
+        assert y.dtype == src.dtype and torch.equal(y, ry)
+    with pytest.raises(RuntimeError, match="is not supported"):
+        _analysis(emu, z, False, True, 1.0, 1.0, out_dtype=torch.float16 if dtype == torch.bfloat16 else torch.bfloat16)

@@ -134,3 +134,56 @@ def test_explicit_unavailable_backend_raises():
         lk.soft_threshold(x, torch.tensor([0.1]), backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         lk.soft_threshold(x, torch.tensor([0.1]), backend="fast")
+
+
+HIGH_RANK = [(2, 1, 3, 1, 2, 2, 1, 3, 2), (1, 2, 1, 2, 1, 2, 1, 2, 1, 3, 1, 2)]  # 9 and 12 dims
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + kernel_backends())
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("shape", HIGH_RANK, ids=lambda s: f"{len(s)}d")
+def test_any_rank(backend, layout, shape):
+    # Issue 10 item 7: more than 8 dims failed in the native shape/stride description, also under auto.
+    x, theta = _inputs(shape, torch.float32)
+    if layout == "strided":
+        x = strided(x, "last")
+    g = torch.randn(shape, device=DEVICE)
+    xr, tr = x.clone().requires_grad_(), theta.clone().requires_grad_()
+    ref = model_expression(xr, tr)
+    ref.backward(g)
+    xf, tf = x.clone().requires_grad_(), theta.clone().requires_grad_()
+    if layout == "strided":
+        xf = strided(x, "last").requires_grad_()
+    out = lk.soft_threshold(xf, tf, backend=backend)
+    out.backward(g)
+    assert out.shape == x.shape
+    assert torch.equal(out, ref.detach())  # float32: the same expression, exactly (see the bitwise test)
+    assert torch.equal(xf.grad, xr.grad)
+    torch.testing.assert_close(tf.grad, tr.grad, rtol=1e-5, atol=1e-6)  # a sum in another order
+
+
+def assert_same_ieee(actual, expected, what):
+    """Same NaN and +/-Inf positions, and the finite values equal (float32: one expression)."""
+    a, e = actual.float(), expected.float()
+    assert torch.equal(a.isnan(), e.isnan()), f"{what}: NaN pattern differs: {a} vs {e}"
+    assert torch.equal(a.isposinf(), e.isposinf()) and torch.equal(a.isneginf(), e.isneginf()), f"{what}: Inf pattern differs"
+    fin = e.isfinite()
+    torch.testing.assert_close(a[fin], e[fin], rtol=1e-6, atol=1e-6, msg=what)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+@pytest.mark.parametrize("theta_value", [float("nan"), float("inf"), -float("inf"), 0.25], ids=["nan", "inf", "-inf", "finite"])
+def test_gradients_with_nonfinite_inputs_and_threshold(backend, theta_value):
+    # Issue 10 item 10: a NaN threshold gave zero gradients where the reference passes them through
+    # (torch's relu backward keeps the gradient where its input is NaN); inf - inf too.
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.5, 0.5, 3.0, -2.0] * 3, device=DEVICE)
+    theta = torch.tensor([theta_value], device=DEVICE)
+    g = torch.linspace(-1, 1, x.numel(), device=DEVICE)
+    xr, tr = x.clone().requires_grad_(), theta.clone().requires_grad_()
+    model_expression(xr, tr).backward(g)
+    xf, tf = x.clone().requires_grad_(), theta.clone().requires_grad_()
+    out = lk.soft_threshold(xf, tf, backend=backend)
+    out.backward(g)
+    assert_same_ieee(out, model_expression(x, theta), "output")
+    assert_same_ieee(xf.grad, xr.grad, "grad_x")
+    assert_same_ieee(tf.grad, tr.grad, "grad_theta")

@@ -150,12 +150,12 @@ void analysis_block_row(const A* const* in, int64_t wo_len, A* __restrict__ band
   }
 }
 
-template <class T>
+template <class TI, class TO>  // input and output storage types (they differ between levels)
 void analysis(const KernelArgs& ka) {
-  using A = acc_t<T>;
+  using A = acc_t<TI>;
   const Args g = parse(ka);
-  const View<const T> x(ka.t(0));
-  const View<T> xi(ka.t(1)), xv(ka.t(2));
+  const View<const TI> x(ka.t(0));
+  const View<TO> xi(ka.t(1)), xv(ka.t(2));
   const int64_t B = x.n[0], C = x.n[1], T_ = x.n[2], H = x.n[3], W = x.n[4];
   const int64_t Ho = (H + 1) / 2, Wo = (W + 1) / 2;
   const int64_t f0 = g.has_xi ? 1 : 0, Tv = T_ - f0, To = g.has_xv ? (Tv + 1) / 2 : 0;
@@ -199,7 +199,7 @@ void analysis(const KernelArgs& ka) {
           analysis_block_row<A, 2>(in, Wo, band.data(), tmp.data());
           for (int bd = 0; bd < 8; ++bd) {
             if (g.slot[bd] < 0) continue;
-            T* dst = xv.row(b, g.slot[bd] * C + c, to, ho);
+            TO* dst = xv.row(b, g.slot[bd] * C + c, to, ho);
             if (g.mask >> bd & 1u) {
               write_row(band.data() + bd * Wo, dst, xv.s[4], Wo, s3);
             } else {
@@ -298,12 +298,12 @@ void synthesis_row(const A* __restrict__ band, int64_t wo_len, int pt, int ph, A
   }
 }
 
-template <class T>
+template <class TI, class TO>
 void synthesis(const KernelArgs& ka) {
-  using A = acc_t<T>;
+  using A = acc_t<TI>;
   const Args g = parse(ka);
-  const View<const T> xi(ka.t(0)), xv(ka.t(1));
-  const View<T> y(ka.t(2));
+  const View<const TI> xi(ka.t(0)), xv(ka.t(1));
+  const View<TO> y(ka.t(2));
   const int64_t B = y.n[0], C = y.n[1], T_ = y.n[2], H = y.n[3], W = y.n[4];
   const int64_t Ho = (H + 1) / 2, Wo = (W + 1) / 2;
   const int64_t f0 = g.has_xi ? 1 : 0, Tv = g.has_xv ? T_ - f0 : 0;
@@ -315,7 +315,7 @@ void synthesis(const KernelArgs& ka) {
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    BandRows<T, A> cache(Wo);
+    BandRows<TI, A> cache(Wo);
     std::vector<A> acc(2 * Wo);
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
@@ -348,12 +348,35 @@ void synthesis(const KernelArgs& ka) {
   }
 }
 
+// Input and output of one dtype, or one of them float32 and the other 16-bit: the multi-level latent
+// transforms keep float32 between levels, as their reference does (a 16-bit band between levels
+// overflowed and lost precision).
+template <class F>
+void dispatch_io(int in, int out, const std::string& name, F&& f) {
+  if (in == out) {
+    dispatch_float(in, name, [&](auto tag) { f(tag, tag); });
+  } else if (out == kFloat32 && (in == kFloat16 || in == kBFloat16)) {
+    dispatch_float(in, name, [&](auto tag) { f(tag, float{}); });
+  } else if (in == kFloat32 && (out == kFloat16 || out == kBFloat16)) {
+    dispatch_float(out, name, [&](auto tag) { f(float{}, tag); });
+  } else {
+    throw std::invalid_argument(name + ": input dtype " + dtype_name(in) + " with output dtype " + dtype_name(out) +
+                                " is not supported (same dtype, or float32 with float16/bfloat16)");
+  }
+}
+
+// The output the call writes (xi or xv; the other may be a placeholder of the input's dtype).
+inline int analysis_out_dtype(const KernelArgs& a) { return (a.i(1) ? a.t(2) : a.t(1)).dtype; }
+inline int synthesis_in_dtype(const KernelArgs& a) { return (a.i(1) ? a.t(1) : a.t(0)).dtype; }
+
 void haar_analysis_cpu(const KernelArgs& a) {
-  dispatch_float(a.t(0).dtype, a.name, [&](auto tag) { analysis<decltype(tag)>(a); });
+  dispatch_io(a.t(0).dtype, analysis_out_dtype(a), a.name,
+              [&](auto ti, auto to) { analysis<decltype(ti), decltype(to)>(a); });
 }
 
 void haar_synthesis_cpu(const KernelArgs& a) {
-  dispatch_float(a.t(2).dtype, a.name, [&](auto tag) { synthesis<decltype(tag)>(a); });
+  dispatch_io(synthesis_in_dtype(a), a.t(2).dtype, a.name,
+              [&](auto ti, auto to) { synthesis<decltype(ti), decltype(to)>(a); });
 }
 
 }  // namespace

@@ -27,6 +27,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -180,6 +181,14 @@ inline void group_update(const acc_t<T>* base, const acc_t<T>* coef, const acc_t
   }
 }
 
+// The padded measurement k = d (odd d) is x . 0: NaN when x holds an inf. Set it to 0 (never multiply
+// by 0) so that it cannot reach the update or the sums, which the reference never computes.
+template <class A>
+inline void zero_padding(A* coef, int64_t d, int64_t dp) {
+  for (int r = 0; r < kGroup; ++r)
+    for (int64_t k = d; k < dp; ++k) coef[r * dp + k] = A(0);
+}
+
 // Loads rows [i0, i0 + kGroup) into X (zero rows past `valid`) and sets E[r][k] = x_r . phi_k - y_rk.
 template <class T>
 inline void group_inputs(const Problem<T>& p, int64_t i0, int valid, acc_t<T>* X, acc_t<T>* E) {
@@ -191,6 +200,7 @@ inline void group_inputs(const Problem<T>& p, int64_t i0, int valid, acc_t<T>* X
   group_dots(X, p.phi.data(), p.dp, p.Dp, E);
   for (int r = 0; r < valid; ++r)
     for (int64_t k = 0; k < p.d; ++k) E[r * p.dp + k] -= load(p.y + (i0 + r) * p.y_rs + k);
+  zero_padding(E, p.d, p.dp);
 }
 
 constexpr int64_t kRowsPerTask = 64;  // forward: rows per OpenMP work item (a multiple of kGroup)
@@ -216,6 +226,21 @@ void fwd(const Problem<T>& p, T* out, int threads) {
       }
     }
   }
+}
+
+// A row's share of grad_w in the reference's order, sum_j g_j * (e @ phi)_j, for a row whose e . h is not
+// finite (an inf or NaN in its data): one infinite e_k gives +/-Inf in e . h but NaN in g . (e @ phi) when
+// g has both signs, and autograd computes the latter. Finite rows keep the cheaper e . h (equal in exact
+// arithmetic).
+template <class A>
+A reference_order_row(const A* e, const A* g, const A* phi, int64_t d, int64_t D, int64_t Dp) {
+  A s = 0;
+  for (int64_t j = 0; j < D; ++j) {
+    A m = 0;
+    for (int64_t k = 0; k < d; ++k) m += e[k] * phi[k * Dp + j];
+    s += g[j] * m;
+  }
+  return s;
 }
 
 template <class T>
@@ -246,14 +271,22 @@ void bwd(const Problem<T>& p, const T* grad, int64_t grad_rs, T* grad_x, acc_t<T
           }
         }
         group_dots(G.data(), p.phi.data(), dp, Dp, H.data());
+        zero_padding(H.data(), d, dp);
         for (int r = valid; r < kGroup; ++r)
           for (int64_t k = 0; k < dp; ++k) E[r * dp + k] = H[r * dp + k] = 0;
         group_update<T>(G.data(), H.data(), p.phi.data(), dp, D, Dp, p.w, grad_x + i0 * D, valid);
-        for (int r = 0; r < valid; ++r)
+        for (int r = 0; r < valid; ++r) {
+          bool finite = true;
           for (int64_t k = 0; k < d; ++k) {
             grad_y[(i0 + r) * d + k] = p.w * H[r * dp + k];
-            wsum += E[r * dp + k] * H[r * dp + k];
+            finite = finite && std::isfinite(E[r * dp + k] * H[r * dp + k]);
           }
+          if (finite) {
+            for (int64_t k = 0; k < d; ++k) wsum += E[r * dp + k] * H[r * dp + k];
+          } else {
+            wsum += reference_order_row(E.data() + r * dp, G.data() + r * Dp, p.phi.data(), d, D, Dp);
+          }
+        }
         // P[k][j] += e_rk g_rj + h_rk x_rj over the group's rows in order.
         for (int64_t k = 0; k < d; ++k) {
           vec_t<A> ev[kGroup], hv[kGroup];

@@ -36,7 +36,8 @@ void fwd(const T* __restrict x, T* __restrict out, int64_t n, acc_t<T> theta, in
   }
 }
 
-// grad_x = (grad * sign(x)) * sign(x) where |x| - theta > 0, else 0 (autograd's order of operations;
+// grad_x = (grad * sign(x)) * sign(x) unless |x| - theta <= 0 (so a NaN |x| - theta, from a NaN theta or
+// inf - inf, passes the gradient as torch's relu backward does), else 0 (autograd's order of operations;
 // the product is computed unconditionally and then selected, which lets the compiler vectorise);
 // partials[b] = sum over block b of grad * sign(x) where |x| - theta > 0 (grad_theta = -sum(partials)),
 // summed in kLanes interleaved lanes, then the lanes pairwise.
@@ -61,7 +62,7 @@ void bwd(const T* __restrict grad, const T* __restrict x, T* __restrict grad_x, 
       for (int q = 0; q < NV; ++q) {
         const vec_t<A> v = vload(xs + q * VN);
         const vec_t<A> s = vselect0<A>(v > zero, one) - vselect0<A>(v < zero, one);
-        const vec_t<A> gs = vselect0<A>(vabs<A>(v) - th > zero, vload(gv + q * VN) * s);
+        const vec_t<A> gs = vselect0<A>(~(vabs<A>(v) - th <= zero), vload(gv + q * VN) * s);
         acc[q] += gs;
         vstore(out + q * VN, gs * s);
       }
@@ -71,7 +72,7 @@ void bwd(const T* __restrict grad, const T* __restrict x, T* __restrict grad_x, 
     for (int q = 0; q < NV; ++q) vstore(lanes + q * VN, acc[q]);
     for (int l = 0; i < hi; ++i, ++l) {
       const A v = load(x + i), s = sign_of(v), gsv = load(grad + i) * s;
-      const A gs = (std::abs(v) - theta > A(0)) ? gsv : A(0);
+      const A gs = (std::abs(v) - theta <= A(0)) ? A(0) : gsv;
       store(grad_x + i, gs * s);
       lanes[l] += gs;
     }

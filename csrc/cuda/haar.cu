@@ -102,14 +102,15 @@ __device__ __forceinline__ Tile tile_of(const Geo& g) {
 }
 
 // ------------------------------------------------------------------------------------------ analysis
-template <class T>
-__global__ void _haar_analysis_kernel(const T* __restrict__ x, T* __restrict__ xi, T* __restrict__ xv, Geo g,
+// TI: the input's storage type, TO: the outputs' (they differ between the levels of the latent transforms).
+template <class TI, class TO>
+__global__ void _haar_analysis_kernel(const TI* __restrict__ x, TO* __restrict__ xi, TO* __restrict__ xv, Geo g,
                                       BandMap bm, float s2, float s3) {
   const Tile t = tile_of(g);
   if (t.nv == 0) return;
   const bool two_d = t.part < g.f0;
   const int64_t h[2] = {2 * t.ho, 2 * t.ho + 1 < g.H ? 2 * t.ho + 1 : g.H - 2};
-  const T* xb = x + t.b * g.sx[0] + t.c * g.sx[1];
+  const TI* xb = x + t.b * g.sx[0] + t.c * g.sx[1];
   float a[4][2 * kV] = {};  // rows (pt*2 + ph), samples 2*kV (rows 2, 3 unused in 2-D)
   int64_t to = 0;
   if (two_d) {
@@ -143,11 +144,11 @@ __global__ void _haar_analysis_kernel(const T* __restrict__ x, T* __restrict__ x
     }
   }
   if (two_d) {
-    T* ob = xi + t.b * g.si[0] + t.c * g.si[1] + t.ho * g.si[3] + t.wo0 * g.si[4];
+    TO* ob = xi + t.b * g.si[0] + t.c * g.si[1] + t.ho * g.si[3] + t.wo0 * g.si[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) store_n<T, kV>(ob + k * g.C * g.si[1], g.si[4], t.nv, band[k]);
+    for (int k = 0; k < 4; ++k) store_n<TO, kV>(ob + k * g.C * g.si[1], g.si[4], t.nv, band[k]);
   } else {
-    T* ob = xv + t.b * g.sv[0] + t.c * g.sv[1] + to * g.sv[2] + t.ho * g.sv[3] + t.wo0 * g.sv[4];
+    TO* ob = xv + t.b * g.sv[0] + t.c * g.sv[1] + to * g.sv[2] + t.ho * g.sv[3] + t.wo0 * g.sv[4];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       if (bm.slot[k] < 0) continue;
@@ -155,7 +156,7 @@ __global__ void _haar_analysis_kernel(const T* __restrict__ x, T* __restrict__ x
 #pragma unroll
         for (int v = 0; v < kV; ++v) band[k][v] = 0.f;
       }
-      store_n<T, kV>(ob + bm.slot[k] * g.C * g.sv[1], g.sv[4], t.nv, band[k]);
+      store_n<TO, kV>(ob + bm.slot[k] * g.C * g.sv[1], g.sv[4], t.nv, band[k]);
     }
   }
 }
@@ -181,8 +182,8 @@ __device__ __forceinline__ void block2(const T* xi, const Geo& g, int64_t b, int
   haar::synthesis2(bd, y);
 }
 
-template <class T>
-__global__ void _haar_synthesis_kernel(const T* __restrict__ xi, const T* __restrict__ xv, T* __restrict__ y, Geo g,
+template <class TI, class TO>
+__global__ void _haar_synthesis_kernel(const TI* __restrict__ xi, const TI* __restrict__ xv, TO* __restrict__ y, Geo g,
                                        BandMap bm, float s2, float s3) {
   const Tile t = tile_of(g);
   if (t.nv == 0) return;
@@ -279,7 +280,7 @@ __global__ void _haar_synthesis_kernel(const T* __restrict__ xi, const T* __rest
   const int64_t w0 = 2 * t.wo0;
   const int64_t nw64 = g.W - w0;
   const int nw = static_cast<int>(nw64 < 2 * kV ? nw64 : 2 * kV);
-  T* yb = y + t.b * g.sx[0] + t.c * g.sx[1] + w0 * g.sx[4];
+  TO* yb = y + t.b * g.sx[0] + t.c * g.sx[1] + w0 * g.sx[4];
   const int nt = two_d ? 1 : 2;
   for (int pt = 0; pt < nt; ++pt) {
     const int64_t frame = two_d ? 0 : g.f0 + 2 * to + pt;
@@ -288,7 +289,7 @@ __global__ void _haar_synthesis_kernel(const T* __restrict__ xi, const T* __rest
     for (int ph = 0; ph < 2; ++ph) {
       const int64_t hh = 2 * t.ho + ph;
       if (hh >= g.H) continue;
-      store_n<T, 2 * kV>(yb + frame * g.sx[2] + hh * g.sx[3], g.sx[4], nw, out[pt * 2 + ph]);
+      store_n<TO, 2 * kV>(yb + frame * g.sx[2] + hh * g.sx[3], g.sx[4], nw, out[pt * 2 + ph]);
     }
   }
 }
@@ -329,6 +330,21 @@ void launch_dims(const Geo& g, int64_t batch_channels, const std::string& name, 
   grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1);
 }
 
+// Input and output of one dtype, or float32 beside float16/bfloat16 (csrc/cpu/haar.cpp: dispatch_io).
+template <class F>
+void dispatch_io(int in, int out, const std::string& name, F&& f) {
+  if (in == out) {
+    dispatch_float(in, name, [&](auto tag) { f(tag, tag); });
+  } else if (out == kFloat32 && (in == kFloat16 || in == kBFloat16)) {
+    dispatch_float(in, name, [&](auto tag) { f(tag, float{}); });
+  } else if (in == kFloat32 && (out == kFloat16 || out == kBFloat16)) {
+    dispatch_float(out, name, [&](auto tag) { f(float{}, tag); });
+  } else {
+    throw std::invalid_argument(name + ": input dtype " + dtype_name(in) + " with output dtype " + dtype_name(out) +
+                                " is not supported (same dtype, or float32 with float16/bfloat16)");
+  }
+}
+
 void haar_analysis_cuda(const KernelArgs& a) {
   const TensorView &x = a.t(0), &xi = a.t(1), &xv = a.t(2);
   const bool has_xi = a.i(0) != 0, has_xv = a.i(1) != 0;
@@ -338,10 +354,11 @@ void haar_analysis_cuda(const KernelArgs& a) {
   launch_dims(g, x.shape[0] * x.shape[1], a.name, grid);
   set_device(a);
   const BandMap bm = band_map(a);
-  dispatch_float(x.dtype, a.name, [&](auto tag) {
-    using T = decltype(tag);
-    _haar_analysis_kernel<T><<<grid, dim3(kTX, kTY), 0, stream_of(a)>>>(
-        x.ptr<const T>(), xi.ptr<T>(), xv.ptr<T>(), g, bm, static_cast<float>(a.f(0)), static_cast<float>(a.f(1)));
+  dispatch_io(x.dtype, (has_xv ? xv : xi).dtype, a.name, [&](auto ti, auto to) {
+    using TI = decltype(ti);
+    using TO = decltype(to);
+    _haar_analysis_kernel<TI, TO><<<grid, dim3(kTX, kTY), 0, stream_of(a)>>>(
+        x.ptr<const TI>(), xi.ptr<TO>(), xv.ptr<TO>(), g, bm, static_cast<float>(a.f(0)), static_cast<float>(a.f(1)));
     LEANVAE_CUDA_CHECK_LAUNCH(a);
   });
 }
@@ -355,10 +372,11 @@ void haar_synthesis_cuda(const KernelArgs& a) {
   launch_dims(g, y.shape[0] * y.shape[1], a.name, grid);
   set_device(a);
   const BandMap bm = band_map(a);
-  dispatch_float(y.dtype, a.name, [&](auto tag) {
-    using T = decltype(tag);
-    _haar_synthesis_kernel<T><<<grid, dim3(kTX, kTY), 0, stream_of(a)>>>(
-        xi.ptr<const T>(), xv.ptr<const T>(), y.ptr<T>(), g, bm, static_cast<float>(a.f(0)), static_cast<float>(a.f(1)));
+  dispatch_io((has_xv ? xv : xi).dtype, y.dtype, a.name, [&](auto ti, auto to) {
+    using TI = decltype(ti);
+    using TO = decltype(to);
+    _haar_synthesis_kernel<TI, TO><<<grid, dim3(kTX, kTY), 0, stream_of(a)>>>(
+        xi.ptr<const TI>(), xv.ptr<const TI>(), y.ptr<TO>(), g, bm, static_cast<float>(a.f(0)), static_cast<float>(a.f(1)));
     LEANVAE_CUDA_CHECK_LAUNCH(a);
   });
 }

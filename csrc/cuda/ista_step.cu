@@ -7,8 +7,9 @@
 // R rows at a time: each thread forms its share of the R x d dot products, a warp reduce-scatter leaves
 // one sum per lane, and the warps' sums are added in warp order through shared memory. The rank-d
 // update then reads e from shared memory. Every sum has a fixed order, so results are deterministic.
-// The backward keeps its grad_phi partial in registers (DMAX x 4 per thread) over a block of
-// `rows_per_partial` rows and writes one partial per block, as the CPU kernel does.
+// The backward keeps its grad_phi partial in registers (up to 16 x 4 per thread; for d > 16 one pass
+// over the rows per 16 phi rows) over a block of `rows_per_partial` rows and writes one partial per
+// block, as the CPU kernel does.
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -243,18 +244,25 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
   fill_tables<T, MODE>(p, phi_s, qt_s);
   __syncthreads();
 
+  // grad_phi rows accumulated in registers per pass over the block's rows: every d at once up to 16, and
+  // above 16 at a time, one pass per 16 (recomputing the dot products): DMAX x 4 = 256 accumulators
+  // per thread at d = 64 spilled 544-576 bytes at 255 registers on sm_90.
+  constexpr int KR = DMAX < 16 ? DMAX : 16;
   const float w = p.w.get();
   const int j0 = threadIdx.x * kCols, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t blocks = (p.n + p.rows_per_partial - 1) / p.rows_per_partial;
+  const int passes = DMAX <= KR ? 1 : (p.d + KR - 1) / KR;
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    float gacc[DMAX][kCols] = {};
-    float wacc = 0.f;
+   float wacc = 0.f;
+   for (int pass = 0; pass < passes; ++pass) {
+    const int k0 = pass * KR;
+    float gacc[KR][kCols] = {};
     const int64_t end = min(p.n, (b + 1) * p.rows_per_partial);
     for (int64_t row0 = b * p.rows_per_partial; row0 < end; row0 += R) {
       float xg[VR][kCols];  // rows 0..R-1: x, rows R..2R-1: grad
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        load_x<T, MODE>(p, row0 + r, j0, qt_s, xg[r]);
+        load_x<T, MODE>(p, row0 + r, j0, qt_s, xg[r]);  // past `end` only past n (end is n or a multiple of R)
         if (row0 + r < end) {
           load4(static_cast<const T*>(p.grad) + (row0 + r) * p.grad_rs, j0, p.D, p.vec, xg[R + r]);
         } else {
@@ -271,11 +279,48 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
           const int64_t row = row0 + vr;
           e_s[t] = (k < p.d && row < end) ? s - to_float(static_cast<const T*>(p.y)[row * p.y_rs + k]) : 0.f;
         } else {
-          h_s[t - R * p.DP] = s;  // grad rows past the end are zero, so is s
+          // rows past the end: 0, not 0 . phi (NaN for an inf in phi, which would reach the grad_phi partial)
+          h_s[t - R * p.DP] = (row0 + vr - R < end) ? s : 0.f;
         }
       }
       __syncthreads();
-      // grad_y = w * h and this thread's share of sum(e . h), in a fixed assignment of (row, k) to threads.
+      // grad_y = w * h and this thread's share of sum(e . h), in a fixed assignment of (row, k) to threads;
+      // then grad_x. Once, in the first pass.
+      if (pass == 0) {
+      bool nonfinite = false;
+      for (int t = threadIdx.x; t < R * p.DP; t += blockDim.x) {
+        const int r = t / p.DP, k = t % p.DP;
+        if (k < p.d && row0 + r < end && !isfinite(e_s[t] * h_s[t])) nonfinite = true;
+      }
+      if (__syncthreads_or(nonfinite)) {
+        // Rare (an inf or NaN in these rows' data): a row whose e . h is not finite adds its share of
+        // grad_w in the reference's order, g . (e @ phi), over this thread's columns (csrc/cpu/ista_step.cpp:
+        // reference_order_row); the other rows as below.
+        unsigned bad_rows = 0;  // a bit per row (an array indexed by a runtime row would live in local memory)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          for (int k = 0; k < p.d && row0 + r < end; ++k)
+            if (!isfinite(e_s[r * p.DP + k] * h_s[r * p.DP + k])) bad_rows |= 1u << r;
+        for (int t = threadIdx.x; t < R * p.DP; t += blockDim.x) {
+          const int r = t / p.DP, k = t % p.DP;
+          const int64_t row = row0 + r;
+          if (k < p.d && row < end) {
+            p.grad_y[row * p.d + k] = w * h_s[t];
+            if (!((bad_rows >> r) & 1u)) wacc += e_s[t] * h_s[t];
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (!((bad_rows >> r) & 1u)) continue;
+#pragma unroll
+          for (int e = 0; e < kCols; ++e) {
+            if (j0 + e >= p.D) break;
+            float m = 0.f;
+            for (int k = 0; k < p.d; ++k) m += e_s[r * p.DP + k] * phi_s[k * p.D4 + j0 + e];
+            wacc += xg[R + r][e] * m;
+          }
+        }
+      } else {
       for (int t = threadIdx.x; t < R * p.DP; t += blockDim.x) {
         const int r = t / p.DP, k = t % p.DP;
         const int64_t row = row0 + r;
@@ -283,6 +328,7 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
           p.grad_y[row * p.d + k] = w * h_s[t];
           wacc += e_s[t] * h_s[t];
         }
+      }
       }
       float v[R][kCols] = {};
       for (int k = 0; k < p.d; ++k) {
@@ -304,25 +350,29 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
         for (int e = 0; e < kCols; ++e) o[e] = xg[R + r][e] - w * v[r][e];
         store4(static_cast<T*>(p.out) + (row0 + r) * p.D, j0, p.D, p.vec, o);
       }
+      }
 #pragma unroll
-      for (int k = 0; k < DMAX; ++k) {
+      for (int kk = 0; kk < KR; ++kk) {
+        const int k = k0 + kk;
         if (k >= p.d) break;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const float ek = e_s[r * p.DP + k], hk = h_s[r * p.DP + k];
 #pragma unroll
-          for (int e = 0; e < kCols; ++e) gacc[k][e] += ek * xg[R + r][e] + hk * xg[r][e];
+          for (int e = 0; e < kCols; ++e) gacc[kk][e] += ek * xg[R + r][e] + hk * xg[r][e];
         }
       }
     }
     float* part = p.part_phi + b * p.d * static_cast<int64_t>(p.D);
 #pragma unroll
-    for (int k = 0; k < DMAX; ++k) {
+    for (int kk = 0; kk < KR; ++kk) {
+      const int k = k0 + kk;
       if (k >= p.d) break;
 #pragma unroll
       for (int e = 0; e < kCols; ++e)
-        if (j0 + e < p.D) part[static_cast<int64_t>(k) * p.D + j0 + e] = gacc[k][e];
+        if (j0 + e < p.D) part[static_cast<int64_t>(k) * p.D + j0 + e] = gacc[kk][e];
     }
+   }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) wacc += __shfl_xor_sync(kFull, wacc, off);
     if (lane == 0) wred_s[warp] = wacc;

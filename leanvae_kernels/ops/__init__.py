@@ -11,3 +11,6 @@ from .ista import (
     ista_init_step, ista_init_step_reference, ista_residual_step, ista_residual_step_reference, ista_step,
     ista_step_reference, soft_threshold, soft_threshold_reference,
 )
+from ._common import install_op_hooks
+
+install_op_hooks()  # forward-AD refusal and lazy torch._dynamo import, on every op above (see _common.py)

@@ -158,15 +158,18 @@ def _band_ints(has_xi, has_xv, slots, mask):
     return [int(has_xi), int(has_xv), int(mask)] + [int(s) for s in slots]
 
 
-def analysis(backend, x, *, two_d=False, three_d=False, s2=1.0, s3=1.0, slots=IDENTITY_SLOTS, mask=ALL_BANDS):
+def analysis(backend, x, *, two_d=False, three_d=False, s2=1.0, s3=1.0, slots=IDENTITY_SLOTS, mask=ALL_BANDS,
+             out_dtype=None):
     """x: (B, C, T, H, W), any strides -> (xi, xv): xi (B, 4C, 1, Ho, Wo) of frame 0 when `two_d`;
-    xv (B, n*C, ceil(Tv/2), Ho, Wo) of frames (1 if two_d else 0).. when `three_d`, n = 1 + max(slots)."""
+    xv (B, n*C, ceil(Tv/2), Ho, Wo) of frames (1 if two_d else 0).. when `three_d`, n = 1 + max(slots).
+    out_dtype: the outputs' dtype (default x's; float32 with a 16-bit x, or 16-bit with a float32 x)."""
     b, c, t, h, w = x.shape
     ho, wo = _half_up(h), _half_up(w)
     f0 = 1 if two_d else 0
-    xi = x.new_empty((b, 4 * c, 1, ho, wo)) if two_d else None
+    out_dtype = out_dtype or x.dtype
+    xi = x.new_empty((b, 4 * c, 1, ho, wo), dtype=out_dtype) if two_d else None
     nslots = max(slots) + 1
-    xv = x.new_empty((b, nslots * c, _half_up(t - f0), ho, wo)) if three_d else None
+    xv = x.new_empty((b, nslots * c, _half_up(t - f0), ho, wo), dtype=out_dtype) if three_d else None
     if backend == "triton":
         from ..triton.haar import haar_analysis
 
@@ -177,11 +180,12 @@ def analysis(backend, x, *, two_d=False, three_d=False, s2=1.0, s3=1.0, slots=ID
     return xi, xv
 
 
-def synthesis(backend, xi, xv, out_shape, *, s2=1.0, s3=1.0, slots=IDENTITY_SLOTS, mask=ALL_BANDS):
+def synthesis(backend, xi, xv, out_shape, *, s2=1.0, s3=1.0, slots=IDENTITY_SLOTS, mask=ALL_BANDS, out_dtype=None):
     """xi (B, 4C, 1, Ho, Wo) or None, xv (B, n*C, To, Ho, Wo) or None -> y (B, C, T, H, W) = out_shape:
-    frame 0 from xi, frames (1 if xi else 0).. from xv; for odd sizes the reflected samples fold back."""
+    frame 0 from xi, frames (1 if xi else 0).. from xv; for odd sizes the reflected samples fold back.
+    out_dtype: y's dtype (default the inputs'; float32 with 16-bit inputs, or 16-bit with float32 ones)."""
     ref = xv if xv is not None else xi
-    y = ref.new_empty(out_shape)
+    y = ref.new_empty(out_shape, dtype=out_dtype or ref.dtype)
     if backend == "triton":
         from ..triton.haar import haar_synthesis
 

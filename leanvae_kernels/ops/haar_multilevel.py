@@ -141,12 +141,16 @@ def haar_latent_decompress_reference(zc, levels=1, keep=DEFAULT_KEEP, drop=True,
 
 
 # ---------------------------------------------------------------------------- fused implementations
+# Between levels the band stays in the accumulation dtype (float32 for 16-bit inputs), as in the
+# reference: each level reads the previous one's float32 output and only the last level rounds to the
+# input dtype (a 16-bit band between levels overflowed, e.g. 6e4 in float16, and doubled the error).
 def _compress_fused(backend, z, levels, keep, drop, rescale):
     s = _S3[rescale]
+    dtype, acc = z.dtype, acc_dtype(z.dtype)
     for _ in range(levels - 1):
-        z = analysis(backend, z, three_d=True, s3=s, slots=_LLL_ONLY[0], mask=_LLL_ONLY[1])[1]
+        z = analysis(backend, z, three_d=True, s3=s, slots=_LLL_ONLY[0], mask=_LLL_ONLY[1], out_dtype=acc)[1]
     slots, mask = _band_map(keep, drop)
-    return analysis(backend, z, three_d=True, s3=s, slots=slots, mask=mask)[1]
+    return analysis(backend, z, three_d=True, s3=s, slots=slots, mask=mask, out_dtype=dtype)[1]
 
 
 def _compress_adjoint(backend, grad, shape, levels, keep, drop, rescale):
@@ -154,11 +158,14 @@ def _compress_adjoint(backend, grad, shape, levels, keep, drop, rescale):
     s = _S3[rescale]
     b, c, t, h, w = shape
     slots, mask = _band_map(keep, drop)
+    dtype, acc = grad.dtype, acc_dtype(grad.dtype)
     f = 1 << (levels - 1)
-    g = synthesis(backend, None, grad, (b, c, t // f, h // f, w // f), s3=s, slots=slots, mask=mask)
-    for _ in range(levels - 1):
+    g = synthesis(backend, None, grad, (b, c, t // f, h // f, w // f), s3=s, slots=slots, mask=mask,
+                  out_dtype=acc if levels > 1 else dtype)
+    for level in range(levels - 1):
         f //= 2
-        g = synthesis(backend, None, g, (b, c, t // f, h // f, w // f), s3=s, slots=_LLL_ONLY[0], mask=_LLL_ONLY[1])
+        g = synthesis(backend, None, g, (b, c, t // f, h // f, w // f), s3=s, slots=_LLL_ONLY[0], mask=_LLL_ONLY[1],
+                      out_dtype=dtype if level == levels - 2 else acc)
     return g
 
 
@@ -167,19 +174,22 @@ def _decompress_fused(backend, zc, levels, keep, drop, rescale):
     slots, mask = _band_map(keep, drop)
     b, kc, t, h, w = zc.shape
     c = kc // (len(keep) if drop else 8)
-    y = synthesis(backend, None, zc, (b, c, 2 * t, 2 * h, 2 * w), s3=s, slots=slots, mask=mask)
-    for _ in range(levels - 1):
+    dtype, acc = zc.dtype, acc_dtype(zc.dtype)
+    y = synthesis(backend, None, zc, (b, c, 2 * t, 2 * h, 2 * w), s3=s, slots=slots, mask=mask,
+                  out_dtype=acc if levels > 1 else dtype)
+    for level in range(levels - 1):
         y = synthesis(backend, None, y, (b, c, 2 * y.shape[2], 2 * y.shape[3], 2 * y.shape[4]), s3=s,
-                      slots=_LLL_ONLY[0], mask=_LLL_ONLY[1])
+                      slots=_LLL_ONLY[0], mask=_LLL_ONLY[1], out_dtype=dtype if level == levels - 2 else acc)
     return y
 
 
 def _decompress_adjoint(backend, grad, levels, keep, drop, rescale):
     s = _INV3[rescale]
+    dtype, acc = grad.dtype, acc_dtype(grad.dtype)
     for _ in range(levels - 1):
-        grad = analysis(backend, grad, three_d=True, s3=s, slots=_LLL_ONLY[0], mask=_LLL_ONLY[1])[1]
+        grad = analysis(backend, grad, three_d=True, s3=s, slots=_LLL_ONLY[0], mask=_LLL_ONLY[1], out_dtype=acc)[1]
     slots, mask = _band_map(keep, drop)
-    return analysis(backend, grad, three_d=True, s3=s, slots=slots, mask=mask)[1]
+    return analysis(backend, grad, three_d=True, s3=s, slots=slots, mask=mask, out_dtype=dtype)[1]
 
 
 compress_fwd, compress_bwd = OpBackends("haar_latent_compress"), OpBackends("haar_latent_compress_backward")

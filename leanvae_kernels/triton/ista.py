@@ -32,7 +32,7 @@ def _soft_threshold_bwd_kernel(grad_ptr, x_ptr, theta_ptr, grad_x_ptr, partials_
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     th = tl.load(theta_ptr).to(tl.float32)
     s = _sign(v)
-    gs = tl.where(tl.abs(v) - th > 0, g * s, 0.0)
+    gs = tl.where(tl.abs(v) - th <= 0, 0.0, g * s)  # NaN passes, as in torch's relu backward
     tl.store(grad_x_ptr + offs, (gs * s).to(grad_x_ptr.dtype.element_ty), mask=mask)
     tl.store(partials_ptr + tl.program_id(0), tl.sum(gs, axis=0))
 
@@ -82,7 +82,8 @@ def _dot_f32(a, b, FP32: tl.constexpr):
         return tl.dot(a, b.to(tl.float32), input_precision="ieee")
     else:
         hi = a.to(b.dtype)
-        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        # hi == a: lo is 0 (also for +/-inf, where a - hi would be NaN and the reference keeps the inf)
+        lo = tl.where(hi.to(tl.float32) == a, 0.0, a - hi.to(tl.float32)).to(b.dtype)
         return tl.dot(hi, b) + tl.dot(lo, b)
 
 
@@ -98,7 +99,8 @@ def _chunk(src_ptr, u_ptr, q_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_r
     phi = tl.load(phi_ptr + ks[:, None] * D + cols[None, :], mask=kd, other=0.0)
     if MODE == 2:
         qt = tl.load(q_ptr + cols[None, :] * d + ks[:, None], mask=kd, other=0.0)
-        x = _dot(y, qt, FP32).to(y.dtype)
+        # rows past the end: y = 0 there, but 0 * an inf in Q is NaN, and x meets h = 0 in the backward
+        x = tl.where(rmask[:, None], _dot(y, qt, FP32), 0.0).to(y.dtype)
     else:
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(src_ptr + rows[:, None] * src_rs + cols[None, :], mask=mask, other=0.0)
@@ -121,6 +123,9 @@ def _ista_step_fwd_kernel(src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, out_ptr, N, D, 
         phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
                                      MODE, FP32, BLOCK_C, BLOCK_K)
         e += _dot(x, tl.trans(phi), FP32)
+    # The padded measurements k >= d are x @ 0, NaN when x holds an inf: select them to 0 (never a
+    # product with 0) so that they cannot reach the update, which the reference never computes.
+    e = tl.where(ks[None, :] < d, e, 0.0)
     w = tl.load(w_ptr).to(tl.float32)
     for c0 in range(0, BLOCK_D, BLOCK_C):
         phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
@@ -157,8 +162,26 @@ def _ista_step_bwd_kernel(grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, grad_
                 g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
                 e += _dot(x, tl.trans(phi), FP32)
                 h += _dot(g, tl.trans(phi), FP32)
+            # padded measurements (see the forward) and rows past the end (0 . phi, NaN for an inf in phi)
+            real = rmask[:, None] & (ks[None, :] < d)
+            e = tl.where(real, e, 0.0)
+            h = tl.where(real, h, 0.0)
             tl.store(grad_y_ptr + rows[:, None] * d + ks[None, :], w * h, mask=ymask)
-            acc_w += tl.sum(e * h, axis=1)
+            # grad_w per row: e . h, or where that is not finite (an inf/NaN in the row's data) the
+            # reference's order g . (e @ phi), summed in the chunk loop below (csrc/cpu/ista_step.cpp:
+            # reference_order_row explains why the two differ there)
+            rw = tl.sum(e * h, axis=1)
+            bad = (rw != rw) | (tl.abs(rw) == float("inf"))
+            if tl.max(bad.to(tl.int32), axis=0) > 0:  # rare: a pass of its own keeps the main loop's registers
+                slow = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for c0 in range(0, BLOCK_D, BLOCK_C):
+                    phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs,
+                                                 u_rs, MODE, FP32, BLOCK_C, BLOCK_K)
+                    g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                                other=0.0)
+                    slow += tl.sum(g.to(tl.float32) * _dot_f32(e, phi, FP32), axis=1)
+                rw = tl.where(bad, slow, rw)
+            acc_w += rw
             for c0 in range(0, BLOCK_D, BLOCK_C):
                 phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
                                              MODE, FP32, BLOCK_C, BLOCK_K)
