@@ -55,7 +55,8 @@ __global__ void _soft_threshold_bwd_kernel(const T* __restrict__ grad, const T* 
   float sum = 0.f;
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     const float v = to_float(x[i]), s = sign_of(v);
-    const float gs = (fabsf(v) - th <= 0.f) ? 0.f : to_float(grad[i]) * s  // NaN passes, as in torch's relu backward;
+    // NaN passes (|x| - theta NaN: the comparison is false), as in torch's relu backward.
+    const float gs = (fabsf(v) - th <= 0.f) ? 0.f : to_float(grad[i]) * s;
     grad_x[i] = from_float<T>(gs * s);
     sum += gs;
   }
