@@ -21,6 +21,7 @@ import types
 
 import pytest
 import torch
+import torch._functorch.config  # not loaded by `import torch` alone (the ops no longer import torch._dynamo)
 import torch.nn.functional as F
 from harness import DEVICE, ON_GPU, backend_of, target, compiled, providers, run
 
