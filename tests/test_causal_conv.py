@@ -391,3 +391,22 @@ def test_triton_kernels_compile_for_sm90_without_spills(tmp_path):
     assert len(lines) == 3, out.stdout
     for name, regs, stack in lines:
         assert int(regs) <= 255 and int(stack) == 0, f"{name}: {regs} registers, {stack} bytes of stack"
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("residual", [False, True], ids=["peg", "x_plus_peg"])
+def test_one_channel_with_bias_backward(backend, residual):
+    """C == 1: the weight and bias gradients must be separate tensors (Triton returned two views of one
+    buffer, which a custom op must not)."""
+    x, weight, bias, cache = _inputs((1, 3, 4, 5, 1), torch.float32, cache_frames=2)
+    g = torch.randn(x.shape, device=DEVICE)
+    leaves = _leaves(x, weight, bias, cache)
+    y, _ = lk.causal_dwconv3d(*leaves, residual=residual, backend=backend)
+    y.backward(g)
+    ref = _leaves(x, weight, bias, cache)
+    yr, _ = causal_dwconv3d_reference(*ref, residual=residual)
+    yr.backward(g)
+    assert_close(y, yr)
+    for got, exp in zip(leaves, ref):
+        assert_close(got.grad, exp.grad)
+    assert leaves[1].grad.untyped_storage().data_ptr() != leaves[2].grad.untyped_storage().data_ptr()

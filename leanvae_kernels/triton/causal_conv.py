@@ -365,4 +365,6 @@ def causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size):
     out = torch.empty((28, c), dtype=torch.float32, device=x.device)
     m = 28 * c
     _sum_partials_kernel[(triton.cdiv(m, 1024),)](part, out, nblk, m, BLOCK=1024, INTERPRET=interpreting())
-    return out[:27], out[27]
+    # Two buffers, not two views of one: with C == 1 the weight gradient's (27, 1) -> (1, 27) reshape is a
+    # view, and an op must not return outputs that alias each other.
+    return out[:27], out[27].clone()
