@@ -171,6 +171,10 @@ LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
             IO::template copy<V>(d + (w0 + px) * p.oc_s[3] + c0,
                                  frame ? frame + h * fs[2] + (w0 + px) * fs[3] + c0 * fs[4] : nullptr, fs[4], cn);
       }
+      // Grad input skips the taps that read grad_y past the frame (the forward never had those outputs),
+      // rather than multiplying zeros: with an Inf or NaN weight 0 * w is NaN. The forward multiplies its
+      // zero padding, as the reference's convolution of a zero-padded frame does.
+      if (BWD && (h + j - 1 < 0 || h + j - 1 >= p.H)) continue;
       LV_UNROLL
       for (int k = 0; k < 3; ++k) {
         if (!valid[k]) continue;  // skipped, not multiplied by zero: NaN * 0 is NaN
@@ -178,9 +182,11 @@ LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
         LV_UNROLL
         for (int kk = 0; kk < 3; ++kk)
           LV_UNROLL
-          for (int px = 0; px < PW; ++px)
+          for (int px = 0; px < PW; ++px) {
+            if (BWD && (w0 - 1 + px + kk < 0 || w0 - 1 + px + kk >= p.W)) continue;
             LV_UNROLL
             for (int v = 0; v < V; ++v) acc[k][px][v] += wr[i * 9 + j * 3 + kk][v] * xv[px + kk][v];
+          }
       }
     }
     // Slot 0 is complete: output frame o.
@@ -285,9 +291,11 @@ LV_HD void wgrad_thread(const WgradParams& p, int64_t b, int64_t hb, int64_t wg,
           LV_UNROLL
           for (int kk = 0; kk < 3; ++kk)
             LV_UNROLL
-            for (int px = 0; px < PW; ++px)
+            for (int px = 0; px < PW; ++px) {
+              if (w0 + px >= p.W) continue;  // no output there: skipped, not 0 * x (x may be Inf)
               LV_UNROLL
               for (int v = 0; v < V; ++v) acc[i * 9 + j * 3 + kk][v] += g[k][px][v] * xv[px + kk][v];
+            }
         }
       }
       LV_UNROLL

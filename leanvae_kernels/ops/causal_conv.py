@@ -177,6 +177,35 @@ def _weights27(weight, flip=False):
     return w.reshape(weight.shape[0], 27).t().to(acc_dtype(weight.dtype)).contiguous()
 
 
+def _group_end_frames(t, group_size):
+    """Output frames whose next-frame tap (i = 2) falls past the end of their group: they read zeros."""
+    return [min(t, start + group_size) - 1 for start in range(0, t, group_size)]
+
+
+def _group_end_zeros(y, weight, group_size):
+    """The reference multiplies the zeros after each group by the next-frame taps; the kernels skip those
+    taps. The products are 0, or NaN where such a weight is Inf/NaN: add them (per channel, the same for
+    every pixel) to the group-end frames so the NaN pattern is the reference's. Group mode only; y is a
+    fresh output of the op, updated in place (adding 0 changes no value)."""
+    if group_size == 0:
+        return y
+    zero_taps = (weight[:, 0, 2].to(acc_dtype(weight.dtype)) * 0).sum((1, 2)).to(y.dtype)
+    for e in _group_end_frames(y.shape[1], group_size):
+        y[:, e] += zero_taps
+    return y
+
+
+def _group_end_zeros_grad(gw, grad_y, group_size):
+    """Weight-gradient side of `_group_end_zeros`: the next-frame taps of the group-end outputs met zeros,
+    so they add sum(grad_y * 0) there (0, or NaN where grad_y is Inf/NaN), as in the reference."""
+    if group_size == 0:
+        return gw
+    ends = _group_end_frames(grad_y.shape[1], group_size)
+    zero_sum = (grad_y[:, ends].to(gw.dtype) * 0).sum((0, 1, 2, 3))
+    gw[:, 0, 2] += zero_sum[:, None, None]
+    return gw
+
+
 # Rows x columns of pixels per partial sum of the native weight grads (checked by the kernels).
 _WGRAD_TILE = {"cpu": (4, 8), "cuda": (8, 32)}
 
@@ -197,7 +226,7 @@ def _native_fns(backend, suffix="", tile=None):
         _native.run(backend, "causal_dwconv3d_fwd" + suffix, [x, cache if cache is not None else x, w27, bias27, y,
                                                               new_cache],
                     ints=[cache is not None, bias is not None, residual, group_size])
-        return y, new_cache
+        return _group_end_zeros(y, weight, group_size), new_cache
 
     def backward(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
         b, t, h, w, c = x.shape
@@ -214,7 +243,7 @@ def _native_fns(backend, suffix="", tile=None):
         _native.run(backend, "causal_dwconv3d_bwd_weight" + suffix,
                     [x, cache if cache is not None else x, grad_y, gw27, gb, part],
                     ints=[cache is not None, group_size, rows, cols])
-        gw = gw27.t().contiguous().reshape(weight.shape).to(weight.dtype)
+        gw = _group_end_zeros_grad(gw27.t().contiguous().reshape(weight.shape), grad_y, group_size).to(weight.dtype)
         return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
 
     return forward, backward
@@ -237,7 +266,8 @@ def _bias32(bias):
 def _(x, weight, bias, cache, residual, group_size):
     from ..triton.causal_conv import causal_dwconv3d_fwd
 
-    return causal_dwconv3d_fwd(x, cache, _weights27(weight), _bias32(bias), residual, group_size)
+    y, new_cache = causal_dwconv3d_fwd(x, cache, _weights27(weight), _bias32(bias), residual, group_size)
+    return _group_end_zeros(y, weight, group_size), new_cache
 
 
 @bwd.register("triton", GPU_DTYPES)
@@ -248,7 +278,7 @@ def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
     gx, gc = causal_dwconv3d_bwd_input(grad_y, grad_cache, _weights27(weight, flip=True), cache is not None,
                                        residual, group_size)
     gw27, gb = causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size)
-    gw = gw27.t().contiguous().reshape(weight.shape).to(weight.dtype)
+    gw = _group_end_zeros_grad(gw27.t().contiguous().reshape(weight.shape), grad_y, group_size).to(weight.dtype)
     return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
 
 

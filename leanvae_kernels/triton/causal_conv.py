@@ -77,9 +77,12 @@ def _conv_step(
             xf = xs.to(tl.float32)
             tap = j * 3 + kk
             if BWD:
-                c0 += tl.load(w_cols + (0 * 9 + tap) * C)[None, :] * xf
-                c1 += tl.load(w_cols + (1 * 9 + tap) * C)[None, :] * xf
-                c2 += tl.load(w_cols + (2 * 9 + tap) * C)[None, :] * xf
+                # Taps reading grad_y past the frame are skipped, not multiplied by the zero padding: with
+                # an Inf or NaN weight 0 * w is NaN, and the reference's conv backward never forms them.
+                inb = ((ww >= 0) & (ww < W))[:, None] & (hh >= 0) & (hh < H)
+                c0 += tl.where(inb, tl.load(w_cols + (0 * 9 + tap) * C)[None, :] * xf, 0.0)
+                c1 += tl.where(inb, tl.load(w_cols + (1 * 9 + tap) * C)[None, :] * xf, 0.0)
+                c2 += tl.where(inb, tl.load(w_cols + (2 * 9 + tap) * C)[None, :] * xf, 0.0)
             else:
                 c0 += tl.load(w_cols + (2 * 9 + tap) * C)[None, :] * xf
                 c1 += tl.load(w_cols + (1 * 9 + tap) * C)[None, :] * xf
