@@ -135,6 +135,7 @@ LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
 
   const S* src = static_cast<const S*>(p.src.data) + b * p.src.s[0];
   const S* aux = p.aux.data ? static_cast<const S*>(p.aux.data) + b * p.aux.s[0] : nullptr;
+  const bool edge = BWD && (h == 0 || h == p.H - 1 || w0 == 0 || w0 + PW >= p.W);
   const int64_t s_lo = BWD ? 0 : -n, s_hi = BWD ? T + off : T + 2 - off;
   for (int64_t s = s_lo; s < s_hi; ++s) {
     const S* frame;
@@ -172,9 +173,25 @@ LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
                                  frame ? frame + h * fs[2] + (w0 + px) * fs[3] + c0 * fs[4] : nullptr, fs[4], cn);
       }
       // Grad input skips the taps that read grad_y past the frame (the forward never had those outputs),
-      // rather than multiplying zeros: with an Inf or NaN weight 0 * w is NaN. The forward multiplies its
-      // zero padding, as the reference's convolution of a zero-padded frame does.
-      if (BWD && (h + j - 1 < 0 || h + j - 1 >= p.H)) continue;
+      // rather than multiplying zeros: with an Inf or NaN weight 0 * w is NaN. Only threads on the frame's
+      // border have such taps; they take a checked copy of the loop, the others the unchecked one. The
+      // forward multiplies its zero padding, as the reference's convolution of a zero-padded frame does.
+      if (BWD && edge) {
+        if (h + j - 1 < 0 || h + j - 1 >= p.H) continue;
+        LV_UNROLL
+        for (int k = 0; k < 3; ++k) {
+          if (!valid[k]) continue;
+          LV_UNROLL
+          for (int kk = 0; kk < 3; ++kk)
+            LV_UNROLL
+            for (int px = 0; px < PW; ++px) {
+              if (w0 - 1 + px + kk < 0 || w0 - 1 + px + kk >= p.W) continue;
+              LV_UNROLL
+              for (int v = 0; v < V; ++v) acc[k][px][v] += wr[k * 9 + j * 3 + kk][v] * xv[px + kk][v];
+            }
+        }
+        continue;
+      }
       LV_UNROLL
       for (int k = 0; k < 3; ++k) {
         if (!valid[k]) continue;  // skipped, not multiplied by zero: NaN * 0 is NaN
@@ -182,11 +199,9 @@ LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
         LV_UNROLL
         for (int kk = 0; kk < 3; ++kk)
           LV_UNROLL
-          for (int px = 0; px < PW; ++px) {
-            if (BWD && (w0 - 1 + px + kk < 0 || w0 - 1 + px + kk >= p.W)) continue;
+          for (int px = 0; px < PW; ++px)
             LV_UNROLL
             for (int v = 0; v < V; ++v) acc[k][px][v] += wr[i * 9 + j * 3 + kk][v] * xv[px + kk][v];
-          }
       }
     }
     // Slot 0 is complete: output frame o.
