@@ -28,9 +28,18 @@
 namespace leanvae {
 namespace causal_conv {
 
-constexpr int kV = 2;   // channels per thread
-constexpr int kPW = 4;  // pixels per thread, along W
-constexpr int kWY = 8;  // grad weight: threads along W per block (a block covers kWY * kPW pixels)
+constexpr int kV = 2;    // channels per thread
+constexpr int kWPW = 2;  // grad weight: pixels per thread, along W
+constexpr int kWY = 16;  // grad weight: threads along W per block (a block covers kWY * kWPW = 32 pixels)
+
+// Forward and grad input: pixels per thread along W, per path (vector or scalar storage access). Chosen so
+// that no path spills under __launch_bounds__(256, 2) (128 registers) with nvcc 13 for sm_90, as
+// tests/test_causal_conv.py checks with ptxas: the 27 weight pairs (54 registers) and 3 x PW x V
+// accumulators leave little room, and ptxas's allocation is not monotonic in PW (the grad input spilled
+// 8-16 bytes at 4 pixels on the vector path and 136-144 at 2 on the scalar one; 0 at the values below).
+// Per-output accumulation order does not depend on PW (with nvcc contracting each update to an FMA, the
+// same bits; the host emulation's compiler contracts the grad input differently per instantiation).
+constexpr int conv_pw(bool vec, bool bwd) { return !vec ? 3 : (bwd ? 2 : 4); }
 
 struct Frames {
   const void* data = nullptr;  // null: absent (reads as zeros)
@@ -54,7 +63,7 @@ struct WgradParams {
   int64_t B = 0, T = 0, H = 0, W = 0, C = 0, G = 0;
   Frames x, cache, gy;  // cache may be absent
   int64_t rows = 8;     // rows of pixels per thread (and per partial)
-  float* part = nullptr;  // (n_parts, 28, C): per block of rows x (kWY * kPW) pixels
+  float* part = nullptr;  // (n_parts, 28, C): per block of rows x (kWY * kWPW) pixels
 };
 
 LV_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -383,7 +392,7 @@ inline bool conv_vec_ok(const ConvParams& p, int V, int elem_size) {
 }
 
 // Grad weight: tensors [x, cache, grad_y, gw27 (27, C) float, gb (C,) float, part (n_parts, 28, C) float],
-// ints [has_cache, group_size, rows, cols]; cols must be kWY * kPW.
+// ints [has_cache, group_size, rows, cols]; cols must be kWY * kWPW.
 inline WgradParams make_wgrad_params(const KernelArgs& a, int64_t* n_parts) {
   const TensorView& x = a.t(0);
   check_5d(a, x, "x");
@@ -396,10 +405,10 @@ inline WgradParams make_wgrad_params(const KernelArgs& a, int64_t* n_parts) {
   p.cache = frames_of(a.t(1), a.i(0) != 0);
   p.gy = frames_of(a.t(2));
   p.rows = a.i(2);
-  if (p.rows < 1 || a.i(3) != kWY * kPW)
-    throw std::invalid_argument(a.name + ": partial tile must be rows >= 1 by " + std::to_string(kWY * kPW) + " columns");
+  if (p.rows < 1 || a.i(3) != kWY * kWPW)
+    throw std::invalid_argument(a.name + ": partial tile must be rows >= 1 by " + std::to_string(kWY * kWPW) + " columns");
   const TensorView& part = a.t(5);
-  *n_parts = p.B * ((p.H + p.rows - 1) / p.rows) * ((p.W + kWY * kPW - 1) / (kWY * kPW));
+  *n_parts = p.B * ((p.H + p.rows - 1) / p.rows) * ((p.W + kWY * kWPW - 1) / (kWY * kWPW));
   if (part.ndim != 3 || part.size(0) != *n_parts || part.size(1) != 28 || part.size(2) != p.C || !part.is_contiguous())
     throw std::invalid_argument(a.name + ": workspace must be a contiguous (" + std::to_string(*n_parts) + ", 28, C) tensor");
   p.part = part.ptr<float>();

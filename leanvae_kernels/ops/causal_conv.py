@@ -254,8 +254,10 @@ for _backend, _dtypes in (("cpu", ALL_DTYPES), ("cuda", GPU_DTYPES)):
     fwd.register(_backend, _dtypes)(_f)
     bwd.register(_backend, _dtypes)(_b)
 
-# Tests only: the CUDA kernels' per-thread bodies compiled for the host and run on CPU tensors.
+# Tests only: the CUDA kernels' per-thread bodies compiled for the host and run on CPU tensors, with the
+# thread layout of the kernels' scalar path (cuda_emulation) or vector path (cuda_emulation_vec).
 cuda_emulation = _native_fns("cpu", "_cudaemu", tile="cuda")
+cuda_emulation_vec = _native_fns("cpu", "_cudaemu_vec", tile="cuda")
 
 
 def _bias32(bias):
