@@ -384,41 +384,58 @@ def test_cuda_conv_kernels_do_not_spill_on_sm90():
 
 
 # ------------------------------------------------------------------------- Triton, compiled for a GPU
-_SM90_COMPILE = r'''
+# Runs the launchers themselves at the model's target shape, with every Triton launch turned into a
+# compile-only warm-up for sm_90 (a stand-in driver: no GPU is needed or used). So each kernel is compiled
+# with exactly the specialisation a real launch makes (integer arguments equal to 1 or divisible by 16,
+# pointer alignment, the launchers' block sizes and constexprs), which hand-written signatures missed: the
+# forward needs about 220 registers as launched, not the 128 a generic signature gives.
+_SM90_COMPILE = r"""
 import os, re, subprocess, sys
-import triton
+import torch
 import triton.backends.nvidia as nv
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+class CompileOnlyDriver:
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+
+driver.set_active(CompileOnlyDriver())
+compiled = []
+_run = JITFunction.run
+def warm_up_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    compiled.append((self.fn.__name__, kernel))
+    return kernel
+JITFunction.run = warm_up_only
+
 from leanvae_kernels.triton import causal_conv as tc
-
+# The model's PEG3D at 17x1080x1920 bfloat16: (B, T, H, W, C) = (1, 5, 135, 240, 512) after the patcher.
+# Storage is never touched (compile only): empty CPU tensors give the real strides.
+b, t, h, w, c = 1, 5, 135, 240, 512
+x = torch.empty((b, t, h, w, c), dtype=torch.bfloat16)
+cache = torch.empty((b, 2, h, w, c), dtype=torch.bfloat16)
+w27, bias = torch.empty(27, c), torch.empty(c)
+for kw in (dict(cache=None, residual=False), dict(cache=cache, residual=True)):
+    tc.causal_dwconv3d_fwd(x, kw["cache"], w27, bias, kw["residual"], 0)
+    tc.causal_dwconv3d_bwd_input(x, cache, w27, kw["cache"] is not None, kw["residual"], 0)
+    tc.causal_dwconv3d_bwd_weight(x, x, kw["cache"], 0)
 cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-def compile_sm90(fn, types, ce):
-    sig = {n: ("constexpr" if n in ce else types.get(n, "i64")) for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in ce.items()}),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    path = os.path.join(sys.argv[1], fn.__name__ + ".cubin")
-    open(path, "wb").write(k.asm["cubin"])
+for n, (name, kernel) in enumerate(compiled):
+    path = os.path.join(sys.argv[1], f"{n}_{name}.cubin")
+    open(path, "wb").write(kernel.asm["cubin"])
     out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-    print(fn.__name__, *re.search(r"REG:(\d+) STACK:(\d+)", out).groups())
-
-conv = {n: "*bf16" for n in ("src_ptr", "aux_ptr", "out_ptr", "ocache_ptr")}
-conv.update(w_ptr="*fp32", bias_ptr="*fp32", T="i32", H="i32", W="i32", C="i32", G="i32")
-for bwd in (False, True):
-    compile_sm90(tc._causal_dwconv3d_kernel, conv, dict(
-        BWD=bwd, GROUP=False, HAS_AUX=True, HAS_BIAS=not bwd, RESIDUAL=True, HAS_OCACHE=True, BLOCK_W=8, BLOCK_C=32,
-        INTERPRET=False, s_c=1, a_c=1))
-wgrad = dict(x_ptr="*bf16", cache_ptr="*bf16", gy_ptr="*bf16", part_ptr="*fp32", T="i32", H="i32", W="i32", C="i32",
-             G="i32", P="i32")
-compile_sm90(tc._causal_dwconv3d_wgrad_kernel, wgrad, dict(GROUP=True, HAS_CACHE=True, BLOCK_P=16, SUB=64, BLOCK_C=32,
-                                                          x_c=1, c_c=1, g_c=1))
-'''
+    print(name, *re.search(r"REG:(\d+) STACK:(\d+)", out).groups())
+"""
 
 
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm90_without_spills(tmp_path):
-    """The compiled (not interpreted) Triton path, built ahead of time for Hopper: it must compile, and keep
-    its registers (no stack: spills would mean local-memory traffic in a memory-bound kernel)."""
+    """The compiled (not interpreted) Triton path, built ahead of time for Hopper exactly as the launchers
+    launch it at the target shape: it must compile, and keep its registers (no stack: spills would mean
+    local-memory traffic in a memory-bound kernel). Compiler figures, not GPU measurements."""
     import os
     import subprocess
     import sys
@@ -434,7 +451,10 @@ def test_triton_kernels_compile_for_sm90_without_spills(tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line.split() for line in out.stdout.splitlines()]
-    assert len(lines) == 3, out.stdout
+    # Two configurations x (forward, grad input, grad weight + its partial sums): every launch was compiled.
+    names = [line[0] for line in lines]
+    assert names == ["_causal_dwconv3d_kernel", "_causal_dwconv3d_kernel", "_causal_dwconv3d_wgrad_kernel",
+                     "_sum_partials_kernel"] * 2, out.stdout
     for name, regs, stack in lines:
         assert int(regs) <= 255 and int(stack) == 0, f"{name}: {regs} registers, {stack} bytes of stack"
 
