@@ -11,6 +11,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -210,6 +211,31 @@ inline void store_pixel(S* dst, int64_t dc, const A* v, const S* a0, int64_t a0c
   }
 }
 
+// Grad input at a pixel (h, w) on the frame's border, every channel block: the sum over the taps that
+// read inside the frame only (same order as conv_rows: i, j, k), into the output-row buffer `out`
+// ([channel block][FWT][CB], at this pixel). frames: the tap frames' ring slots (null: no frame); the pixel
+// is row hl, column wl of the tile. Interior pixels are left as they are.
+template <class A>
+void border_pixel_exact(A* out, const A* const* frames, const A* wp, int hl, int wl, int64_t h, int64_t w,
+                        int64_t H, int64_t W, int64_t ncb) {
+  if (h > 0 && h < H - 1 && w > 0 && w < W - 1) return;
+  for (int64_t cb = 0; cb < ncb; ++cb)
+    for (int c = 0; c < CB; ++c) {
+      A s = 0;
+      for (int i = 0; i < 3; ++i) {
+        if (frames[i] == nullptr) continue;
+        for (int j = 0; j < 3; ++j) {
+          if (h + j - 1 < 0 || h + j - 1 >= H) continue;
+          for (int k = 0; k < 3; ++k) {
+            if (w + k - 1 < 0 || w + k - 1 >= W) continue;
+            s += wp[(cb * 27 + i * 9 + j * 3 + k) * CB + c] * frames[i][cb * kBlockF + ((hl + j) * FBW + wl + k) * CB + c];
+          }
+        }
+      }
+      out[cb * FWT * CB + c] = s;
+    }
+}
+
 // Forward (kBwd = false) and grad input (kBwd = true), which is the same correlation with spatially
 // flipped taps and the temporal map reversed:
 //   forward:    output o in [0, T) reads source frame q = o - off + i (q < 0: the cache, or zeros);
@@ -225,6 +251,10 @@ void conv_frames(const KernelArgs& a, const Tiles& tl, const Temporal& tv, bool 
   const TensorView &out = kBwd ? a.t(3) : a.t(4), &out_cache = kBwd ? a.t(4) : a.t(5);
   std::vector<A> wp, bp;
   pack_weights<A>(wp, bp, w27, (!kBwd && has_bias) ? &bias : nullptr, tl.C);
+  // Grad input skips the taps that read past the frame (the reference's conv backward never multiplies
+  // them), where the fast path multiplies zero padding: the same unless a weight is Inf or NaN (0 * Inf is
+  // NaN). Then the frame's border pixels are recomputed without those taps.
+  const bool exact_border = kBwd && std::any_of(wp.begin(), wp.end(), [](A v) { return !std::isfinite(v); });
   const int64_t T = tl.T, H = tl.H, W = tl.W, C = tl.C, ncb = tl.ncb;
   const int n = tv.n, off = tv.off;
   const int64_t q_lo = kBwd ? 0 : -n;                            // first source frame
@@ -289,6 +319,11 @@ void conv_frames(const KernelArgs& a, const Tiles& tl, const Temporal& tv, bool 
             conv_rows<A, FBW>(o0, rows == 2 ? o0 + ncb * FWT * CB : nullptr, frames, hh, wp.data() + cb * 27 * CB,
                               bp.data() + cb * CB, ncols);
           }
+          if (exact_border)
+            for (int r = 0; r < rows; ++r)
+              for (int ww = 0; ww < tw; ++ww)
+                border_pixel_exact<A>(outrows.data() + r * ncb * FWT * CB + ww * CB, frame_of_tap, wp.data(), hh + r,
+                                      ww, h0 + hh + r, w0 + ww, H, W, ncb);
           for (int r = 0; r < rows; ++r) {
             const int64_t h = h0 + hh + r;
             for (int ww = 0; ww < tw; ++ww) {
@@ -377,10 +412,14 @@ void conv_weight_grad(const KernelArgs& a, const Tiles& tl, const Temporal& tv, 
                 for (int hh = 0; hh < th; ++hh) {
                   const A* gr = gc + hh * FWT * CB;
                   const A* xr = xb + ((hh + j) * FBW + k) * CB;
-                  for (int ww = 0; ww < ncols; ww += 4)
+                  // Columns past the tile (gy zero-filled) are skipped, not multiplied: x there may be Inf.
+                  int ww = 0;
+                  for (; ww + 4 <= tw; ww += 4)
 #pragma GCC unroll 4
                     for (int u = 0; u < 4; ++u)
                       for (int c = 0; c < CB; ++c) s[u][c] += gr[(ww + u) * CB + c] * xr[(ww + u) * CB + c];
+                  for (int u = 0; ww + u < tw; ++u)
+                    for (int c = 0; c < CB; ++c) s[u][c] += gr[(ww + u) * CB + c] * xr[(ww + u) * CB + c];
                 }
                 A* at = acc_cb + ((i * 3 + j) * 3 + k) * C;
                 for (int c = 0; c < cn; ++c) at[c] += (s[0][c] + s[1][c]) + (s[2][c] + s[3][c]);

@@ -45,19 +45,24 @@ void dispatch_gpu_float(int dtype, const std::string& name, F&& f) {
   }
 }
 
-template <bool BWD>
+// VEC: the thread layout (pixels per thread) of the CUDA kernel's vector path, else of its scalar path; the
+// storage access is the scalar one either way (HostIO).
+template <bool BWD, bool VEC>
 void emulate_conv(const KernelArgs& a) {
+  constexpr int PW = cc::conv_pw(VEC, BWD);
   const cc::ConvParams p = cc::make_conv_params(a, BWD);
-  const int64_t total = p.B * p.H * ((p.W + cc::kPW - 1) / cc::kPW) * ((p.C + cc::kV - 1) / cc::kV);
+  const int64_t total = p.B * p.H * ((p.W + PW - 1) / PW) * ((p.C + cc::kV - 1) / cc::kV);
   dispatch_gpu_float(a.t(0).dtype, a.name, [&](auto tag) {
     using S = decltype(tag);
 #pragma omp parallel for num_threads(a.num_threads) schedule(static)
-    for (int64_t tid = 0; tid < total; ++tid) cc::conv_thread<HostIO<S>, cc::kV, cc::kPW, BWD>(p, tid);
+    for (int64_t tid = 0; tid < total; ++tid) cc::conv_thread<HostIO<S>, cc::kV, PW, BWD>(p, tid);
   });
 }
 
-void fwd_emu(const KernelArgs& a) { emulate_conv<false>(a); }
-void bwd_input_emu(const KernelArgs& a) { emulate_conv<true>(a); }
+void fwd_emu(const KernelArgs& a) { emulate_conv<false, false>(a); }
+void bwd_input_emu(const KernelArgs& a) { emulate_conv<true, false>(a); }
+void fwd_vec_emu(const KernelArgs& a) { emulate_conv<false, true>(a); }
+void bwd_input_vec_emu(const KernelArgs& a) { emulate_conv<true, true>(a); }
 
 // The CUDA grad-weight kernel's blocks: 32 channel groups x kWY pixel groups, per-thread sums added over
 // the pixel groups in order, then the partials summed in partial order.
@@ -66,7 +71,7 @@ void bwd_weight_emu(const KernelArgs& a) {
   const cc::WgradParams p = cc::make_wgrad_params(a, &n_parts);
   const TensorView &gw = a.t(3), &gb = a.t(4);
   const int64_t ncvb = ((p.C + cc::kV - 1) / cc::kV + 31) / 32;
-  const int64_t nwb = (p.W + cc::kWY * cc::kPW - 1) / (cc::kWY * cc::kPW), nhb = (p.H + p.rows - 1) / p.rows;
+  const int64_t nwb = (p.W + cc::kWY * cc::kWPW - 1) / (cc::kWY * cc::kWPW), nhb = (p.H + p.rows - 1) / p.rows;
   dispatch_gpu_float(a.t(0).dtype, a.name, [&](auto tag) {
     using S = decltype(tag);
 #pragma omp parallel for num_threads(a.num_threads) schedule(static)
@@ -83,7 +88,7 @@ void bwd_weight_emu(const KernelArgs& a) {
         float red[28][cc::kV] = {};
         for (int ty = 0; ty < cc::kWY; ++ty) {
           float acc[28][cc::kV];
-          cc::wgrad_thread<HostIO<S>, cc::kV, cc::kPW>(p, b, hb, wb * cc::kWY + ty, cv, acc);
+          cc::wgrad_thread<HostIO<S>, cc::kV, cc::kWPW>(p, b, hb, wb * cc::kWY + ty, cv, acc);
           for (int tap = 0; tap < 28; ++tap)
             for (int v = 0; v < cc::kV; ++v) red[tap][v] = (ty == 0 ? 0.f : red[tap][v]) + acc[tap][v];
         }
@@ -106,6 +111,10 @@ void bwd_weight_emu(const KernelArgs& a) {
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_fwd_cudaemu", fwd_emu);
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_input_cudaemu", bwd_input_emu);
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_weight_cudaemu", bwd_weight_emu);
+// The vector path's thread layout (its grad weight has the same layout as the scalar path's).
+LEANVAE_REGISTER_KERNEL("causal_dwconv3d_fwd_cudaemu_vec", fwd_vec_emu);
+LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_input_cudaemu_vec", bwd_input_vec_emu);
+LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_weight_cudaemu_vec", bwd_weight_emu);
 
 }  // namespace cpu
 }  // namespace leanvae

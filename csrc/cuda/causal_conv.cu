@@ -68,19 +68,20 @@ template <class S, bool VEC, bool BWD>
 __global__ void __launch_bounds__(kThreads, 2) _causal_dwconv3d_kernel(const cc::ConvParams p, int64_t total) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (tid >= total) return;
-  cc::conv_thread<DevIO<S, VEC>, cc::kV, cc::kPW, BWD>(p, tid);
+  cc::conv_thread<DevIO<S, VEC>, cc::kV, cc::conv_pw(VEC, BWD), BWD>(p, tid);
 }
 
 // Block (32 channel groups) x (kWY pixel groups): each thread's sums over its rows and frames are added
-// over threadIdx.y in order 0..kWY-1 and stored as the block's partial.
+// over threadIdx.y in order 0..kWY-1 and stored as the block's partial. One 512-thread block per SM at 128
+// registers (the occupancy of two 256-thread blocks); 2 pixels per thread, so that it does not spill.
 template <class S, bool VEC>
-__global__ void __launch_bounds__(32 * cc::kWY, 2) _causal_dwconv3d_wgrad_kernel(const cc::WgradParams p, int64_t ncvb,
+__global__ void __launch_bounds__(32 * cc::kWY, 1) _causal_dwconv3d_wgrad_kernel(const cc::WgradParams p, int64_t ncvb,
                                                                               int64_t nwb, int64_t nhb) {
   int64_t cvb, wb, hb, b;
   cc::split_index(blockIdx.x, ncvb, nwb, nhb, cvb, wb, hb, b);
   const int64_t cv = cvb * 32 + threadIdx.x;
   float acc[28][cc::kV];
-  cc::wgrad_thread<DevIO<S, VEC>, cc::kV, cc::kPW>(p, b, hb, wb * cc::kWY + threadIdx.y, cv, acc);
+  cc::wgrad_thread<DevIO<S, VEC>, cc::kV, cc::kWPW>(p, b, hb, wb * cc::kWY + threadIdx.y, cv, acc);
   __shared__ float red[28][32 * cc::kV];
   for (int y = 0; y < cc::kWY; ++y) {
     if (threadIdx.y == y) {
@@ -125,13 +126,15 @@ unsigned blocks_for(int64_t threads, int per_block, const KernelArgs& a) {
 template <bool BWD>
 void launch_conv(const KernelArgs& a) {
   const cc::ConvParams p = cc::make_conv_params(a, BWD);
-  const int64_t total = p.B * p.H * ((p.W + cc::kPW - 1) / cc::kPW) * ((p.C + cc::kV - 1) / cc::kV);
-  if (total == 0) return;
+  if (p.B * p.H * p.W * p.C == 0) return;
   set_device(a);
   dispatch_float(a.t(0).dtype, a.name, [&](auto tag) {
     using S = decltype(tag);
+    const bool vec = cc::conv_vec_ok(p, cc::kV, sizeof(S));
+    const int pw = vec ? cc::conv_pw(true, BWD) : cc::conv_pw(false, BWD);
+    const int64_t total = p.B * p.H * ((p.W + pw - 1) / pw) * ((p.C + cc::kV - 1) / cc::kV);
     const unsigned grid = blocks_for(total, kThreads, a);
-    if (cc::conv_vec_ok(p, cc::kV, sizeof(S)))
+    if (vec)
       _causal_dwconv3d_kernel<S, true, BWD><<<grid, kThreads, 0, stream_of(a)>>>(p, total);
     else
       _causal_dwconv3d_kernel<S, false, BWD><<<grid, kThreads, 0, stream_of(a)>>>(p, total);
@@ -149,7 +152,7 @@ void causal_dwconv3d_bwd_weight_cuda(const KernelArgs& a) {
   if (!gw.is_contiguous() || !gb.is_contiguous()) throw std::invalid_argument(a.name + ": gw27 and gb must be contiguous");
   set_device(a);
   const int64_t ncvb = ((p.C + cc::kV - 1) / cc::kV + 31) / 32;
-  const int64_t nwb = (p.W + cc::kWY * cc::kPW - 1) / (cc::kWY * cc::kPW), nhb = (p.H + p.rows - 1) / p.rows;
+  const int64_t nwb = (p.W + cc::kWY * cc::kWPW - 1) / (cc::kWY * cc::kWPW), nhb = (p.H + p.rows - 1) / p.rows;
   dispatch_float(a.t(0).dtype, a.name, [&](auto tag) {
     using S = decltype(tag);
     const unsigned grid = blocks_for(p.B * nhb * nwb * ncvb, 1, a);

@@ -28,9 +28,18 @@
 namespace leanvae {
 namespace causal_conv {
 
-constexpr int kV = 2;   // channels per thread
-constexpr int kPW = 4;  // pixels per thread, along W
-constexpr int kWY = 8;  // grad weight: threads along W per block (a block covers kWY * kPW pixels)
+constexpr int kV = 2;    // channels per thread
+constexpr int kWPW = 2;  // grad weight: pixels per thread, along W
+constexpr int kWY = 16;  // grad weight: threads along W per block (a block covers kWY * kWPW = 32 pixels)
+
+// Forward and grad input: pixels per thread along W, per path (vector or scalar storage access). Chosen so
+// that no path spills under __launch_bounds__(256, 2) (128 registers) with nvcc 13 for sm_90, as
+// tests/test_causal_conv.py checks with ptxas: the 27 weight pairs (54 registers) and 3 x PW x V
+// accumulators leave little room, and ptxas's allocation is not monotonic in PW (the grad input spilled
+// 8-16 bytes at 4 pixels on the vector path and 136-144 at 2 on the scalar one; 0 at the values below).
+// Per-output accumulation order does not depend on PW (with nvcc contracting each update to an FMA, the
+// same bits; the host emulation's compiler contracts the grad input differently per instantiation).
+constexpr int conv_pw(bool vec, bool bwd) { return !vec ? 3 : (bwd ? 2 : 4); }
 
 struct Frames {
   const void* data = nullptr;  // null: absent (reads as zeros)
@@ -54,7 +63,7 @@ struct WgradParams {
   int64_t B = 0, T = 0, H = 0, W = 0, C = 0, G = 0;
   Frames x, cache, gy;  // cache may be absent
   int64_t rows = 8;     // rows of pixels per thread (and per partial)
-  float* part = nullptr;  // (n_parts, 28, C): per block of rows x (kWY * kPW) pixels
+  float* part = nullptr;  // (n_parts, 28, C): per block of rows x (kWY * kWPW) pixels
 };
 
 LV_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -135,6 +144,7 @@ LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
 
   const S* src = static_cast<const S*>(p.src.data) + b * p.src.s[0];
   const S* aux = p.aux.data ? static_cast<const S*>(p.aux.data) + b * p.aux.s[0] : nullptr;
+  const bool edge = BWD && (h == 0 || h == p.H - 1 || w0 == 0 || w0 + PW >= p.W);
   const int64_t s_lo = BWD ? 0 : -n, s_hi = BWD ? T + off : T + 2 - off;
   for (int64_t s = s_lo; s < s_hi; ++s) {
     const S* frame;
@@ -170,6 +180,26 @@ LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
           if (w0 + px < p.W)
             IO::template copy<V>(d + (w0 + px) * p.oc_s[3] + c0,
                                  frame ? frame + h * fs[2] + (w0 + px) * fs[3] + c0 * fs[4] : nullptr, fs[4], cn);
+      }
+      // Grad input skips the taps that read grad_y past the frame (the forward never had those outputs),
+      // rather than multiplying zeros: with an Inf or NaN weight 0 * w is NaN. Only threads on the frame's
+      // border have such taps; they take a checked copy of the loop, the others the unchecked one. The
+      // forward multiplies its zero padding, as the reference's convolution of a zero-padded frame does.
+      if (BWD && edge) {
+        if (h + j - 1 < 0 || h + j - 1 >= p.H) continue;
+        LV_UNROLL
+        for (int k = 0; k < 3; ++k) {
+          if (!valid[k]) continue;
+          LV_UNROLL
+          for (int kk = 0; kk < 3; ++kk)
+            LV_UNROLL
+            for (int px = 0; px < PW; ++px) {
+              if (w0 - 1 + px + kk < 0 || w0 - 1 + px + kk >= p.W) continue;
+              LV_UNROLL
+              for (int v = 0; v < V; ++v) acc[k][px][v] += wr[k * 9 + j * 3 + kk][v] * xv[px + kk][v];
+            }
+        }
+        continue;
       }
       LV_UNROLL
       for (int k = 0; k < 3; ++k) {
@@ -285,9 +315,11 @@ LV_HD void wgrad_thread(const WgradParams& p, int64_t b, int64_t hb, int64_t wg,
           LV_UNROLL
           for (int kk = 0; kk < 3; ++kk)
             LV_UNROLL
-            for (int px = 0; px < PW; ++px)
+            for (int px = 0; px < PW; ++px) {
+              if (w0 + px >= p.W) continue;  // no output there: skipped, not 0 * x (x may be Inf)
               LV_UNROLL
               for (int v = 0; v < V; ++v) acc[i * 9 + j * 3 + kk][v] += g[k][px][v] * xv[px + kk][v];
+            }
         }
       }
       LV_UNROLL
@@ -360,7 +392,7 @@ inline bool conv_vec_ok(const ConvParams& p, int V, int elem_size) {
 }
 
 // Grad weight: tensors [x, cache, grad_y, gw27 (27, C) float, gb (C,) float, part (n_parts, 28, C) float],
-// ints [has_cache, group_size, rows, cols]; cols must be kWY * kPW.
+// ints [has_cache, group_size, rows, cols]; cols must be kWY * kWPW.
 inline WgradParams make_wgrad_params(const KernelArgs& a, int64_t* n_parts) {
   const TensorView& x = a.t(0);
   check_5d(a, x, "x");
@@ -373,10 +405,10 @@ inline WgradParams make_wgrad_params(const KernelArgs& a, int64_t* n_parts) {
   p.cache = frames_of(a.t(1), a.i(0) != 0);
   p.gy = frames_of(a.t(2));
   p.rows = a.i(2);
-  if (p.rows < 1 || a.i(3) != kWY * kPW)
-    throw std::invalid_argument(a.name + ": partial tile must be rows >= 1 by " + std::to_string(kWY * kPW) + " columns");
+  if (p.rows < 1 || a.i(3) != kWY * kWPW)
+    throw std::invalid_argument(a.name + ": partial tile must be rows >= 1 by " + std::to_string(kWY * kWPW) + " columns");
   const TensorView& part = a.t(5);
-  *n_parts = p.B * ((p.H + p.rows - 1) / p.rows) * ((p.W + kWY * kPW - 1) / (kWY * kPW));
+  *n_parts = p.B * ((p.H + p.rows - 1) / p.rows) * ((p.W + kWY * kWPW - 1) / (kWY * kWPW));
   if (part.ndim != 3 || part.size(0) != *n_parts || part.size(1) != 28 || part.size(2) != p.C || !part.is_contiguous())
     throw std::invalid_argument(a.name + ": workspace must be a contiguous (" + std::to_string(*n_parts) + ", 28, C) tensor");
   p.part = part.ptr<float>();

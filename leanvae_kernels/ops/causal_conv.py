@@ -12,6 +12,11 @@ Contract (../shared/DESIGN.md):
         frame reads the previous group's last frame (first group: `cache` (B, 1, H, W, C), or zeros); the
         tap after a group's last frame reads zeros. new_cache = the call's last frame (B, 1, H, W, C).
     residual=True returns y + x (the model's ResNAF adds it).
+    Halo rows (a band of rows of a taller frame, as in patch-parallel inference): halo_top / halo_bottom:
+        (B, P+T, W, C) or None, P = 2 in causal mode, 1 in group mode: the frame row just above row 0
+        (just below row H-1) of x, for every frame of cat(cache or zeros, x) along T. None: zeros (the
+        true frame edge). The result equals the matching rows of one call on the taller frame
+        cat(halo_top, x, halo_bottom) along H with the matching taller cache; new_cache is the band's own.
 Chunked calls that pass the returned cache equal one full call exactly (chunks of whole groups in
 group mode): every backend accumulates an output in the same order (bias, then taps (i, j, k)) whether a
 tap reads the cache or x. The weight/bias gradients are reductions over B*T*H*W done as fixed blocks of
@@ -36,8 +41,18 @@ def _cache_frames(group_size):
     return 1 if group_size > 0 else 2
 
 
-def causal_dwconv3d_reference(x, weight, bias=None, cache=None, residual=False, group_size=0):
-    """The spec, in float32 (float64 for float64). Returns (y, new_cache); y: (B, T, H, W, C) in x's dtype."""
+def causal_dwconv3d_reference(x, weight, bias=None, cache=None, residual=False, group_size=0,
+                              halo_top=None, halo_bottom=None):
+    """The spec, in float32 (float64 for float64). Returns (y, new_cache); y: (B, T, H, W, C) in x's dtype.
+
+    With halo rows: the band is the middle rows of a frame two rows taller (see the module docstring).
+    """
+    if halo_top is not None or halo_bottom is not None:
+        xe, ce = _extend_rows(x, cache, group_size, halo_top, halo_bottom)
+        y, _ = causal_dwconv3d_reference(xe, weight, bias, ce, residual, group_size)
+        h = x.shape[2]
+        new_cache = torch.cat([ce, xe], dim=1)[:, -_cache_frames(group_size):, 1 : h + 1]
+        return y[:, :, 1 : h + 1].contiguous(), new_cache.contiguous()
     acc = acc_dtype(x.dtype)
     b, t, h, w, c = x.shape
     n_cache = _cache_frames(group_size)
@@ -88,6 +103,57 @@ def _check(x, weight, bias, cache, residual, group_size):
         raise ValueError(f"{op}: cache must be (B, {n_cache}, H, W, C) = {(b, n_cache, h, w, c)}, got {describe(cache)}")
 
 
+def _check_halos(x, halo_top, halo_bottom, group_size):
+    op = "causal_dwconv3d"
+    b, t, h, w, c = x.shape
+    want = (b, _cache_frames(group_size) + t, w, c)
+    for name, halo in (("halo_top", halo_top), ("halo_bottom", halo_bottom)):
+        if halo is None:
+            continue
+        check_tensor(op, name, halo, ndim=4, layout="(B, P+T, W, C)")
+        if tuple(halo.shape) != want:
+            raise ValueError(f"{op}: {name} must be (B, P+T, W, C) = {want} (P = {want[1] - t} cache frames, then "
+                             f"the T frames of x), got {describe(halo)}")
+        check_same_device(op, [("x", x), (name, halo)])
+        check_same_dtype(op, [("x", x), (name, halo)])
+
+
+def _extend_rows(x, cache, group_size, halo_top, halo_bottom):
+    """The taller frame the band belongs to: (x with a halo row above and below, its cache likewise);
+    an absent halo or cache is zeros."""
+    b, t, h, w, c = x.shape
+    p = _cache_frames(group_size)
+    zeros = x.new_zeros((b, p + t, w, c))
+    top = halo_top if halo_top is not None else zeros
+    bottom = halo_bottom if halo_bottom is not None else zeros
+    cache = cache if cache is not None else x.new_zeros((b, p, h, w, c))
+    xe = torch.cat([top[:, p:, None], x, bottom[:, p:, None]], dim=2)
+    ce = torch.cat([top[:, :p, None], cache, bottom[:, :p, None]], dim=2)
+    return xe, ce
+
+
+def _with_halos(y, x, weight, bias, cache, residual, group_size, halo_top, halo_bottom, backend):
+    """Replace the band's edge rows of a zero-padded call's `y` with rows that read the halos.
+
+    An edge row r (0 and/or H-1) depends only on rows r-1..r+1 of the taller frame, so the same kernel
+    is run on those three rows (a few rows copied, never the band) and its middle row is taken. It is the
+    same kernel with the same per-output accumulation order as a call on the whole frame, so the result
+    is that call's rows bit for bit; autograd flows through the slab call to x, cache, weight, bias and
+    the halos."""
+    h = x.shape[2]
+    rows = [0] if halo_top is not None else []
+    if halo_bottom is not None and h - 1 not in rows:
+        rows.append(h - 1)  # with H == 1 one slab (halo_top, x, halo_bottom) serves both halos
+    xe, ce = _extend_rows(x, cache, group_size, halo_top, halo_bottom)  # row r of x is row r+1 here
+    xs = torch.cat([xe[:, :, r : r + 3] for r in rows], dim=0)
+    cs = torch.cat([ce[:, :, r : r + 3] for r in rows], dim=0)
+    ys, _ = torch.ops.leanvae.causal_dwconv3d(xs, weight, bias, cs, residual, group_size, backend)
+    b = x.shape[0]
+    for i, r in enumerate(rows):
+        y[:, :, r] = ys[i * b : (i + 1) * b, :, 1]
+    return y
+
+
 fwd = OpBackends("causal_dwconv3d")
 bwd = OpBackends("causal_dwconv3d_backward")
 fwd.register("reference", ALL_DTYPES)(causal_dwconv3d_reference)
@@ -111,6 +177,35 @@ def _weights27(weight, flip=False):
     return w.reshape(weight.shape[0], 27).t().to(acc_dtype(weight.dtype)).contiguous()
 
 
+def _group_end_frames(t, group_size):
+    """Output frames whose next-frame tap (i = 2) falls past the end of their group: they read zeros."""
+    return [min(t, start + group_size) - 1 for start in range(0, t, group_size)]
+
+
+def _group_end_zeros(y, weight, group_size):
+    """The reference multiplies the zeros after each group by the next-frame taps; the kernels skip those
+    taps. The products are 0, or NaN where such a weight is Inf/NaN: add them (per channel, the same for
+    every pixel) to the group-end frames so the NaN pattern is the reference's. Group mode only; y is a
+    fresh output of the op, updated in place (adding 0 changes no value)."""
+    if group_size == 0:
+        return y
+    zero_taps = (weight[:, 0, 2].to(acc_dtype(weight.dtype)) * 0).sum((1, 2)).to(y.dtype)
+    for e in _group_end_frames(y.shape[1], group_size):
+        y[:, e] += zero_taps
+    return y
+
+
+def _group_end_zeros_grad(gw, grad_y, group_size):
+    """Weight-gradient side of `_group_end_zeros`: the next-frame taps of the group-end outputs met zeros,
+    so they add sum(grad_y * 0) there (0, or NaN where grad_y is Inf/NaN), as in the reference."""
+    if group_size == 0:
+        return gw
+    ends = _group_end_frames(grad_y.shape[1], group_size)
+    zero_sum = (grad_y[:, ends].to(gw.dtype) * 0).sum((0, 1, 2, 3))
+    gw[:, 0, 2] += zero_sum[:, None, None]
+    return gw
+
+
 # Rows x columns of pixels per partial sum of the native weight grads (checked by the kernels).
 _WGRAD_TILE = {"cpu": (4, 8), "cuda": (8, 32)}
 
@@ -131,7 +226,7 @@ def _native_fns(backend, suffix="", tile=None):
         _native.run(backend, "causal_dwconv3d_fwd" + suffix, [x, cache if cache is not None else x, w27, bias27, y,
                                                               new_cache],
                     ints=[cache is not None, bias is not None, residual, group_size])
-        return y, new_cache
+        return _group_end_zeros(y, weight, group_size), new_cache
 
     def backward(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
         b, t, h, w, c = x.shape
@@ -148,7 +243,7 @@ def _native_fns(backend, suffix="", tile=None):
         _native.run(backend, "causal_dwconv3d_bwd_weight" + suffix,
                     [x, cache if cache is not None else x, grad_y, gw27, gb, part],
                     ints=[cache is not None, group_size, rows, cols])
-        gw = gw27.t().contiguous().reshape(weight.shape).to(weight.dtype)
+        gw = _group_end_zeros_grad(gw27.t().contiguous().reshape(weight.shape), grad_y, group_size).to(weight.dtype)
         return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
 
     return forward, backward
@@ -159,8 +254,10 @@ for _backend, _dtypes in (("cpu", ALL_DTYPES), ("cuda", GPU_DTYPES)):
     fwd.register(_backend, _dtypes)(_f)
     bwd.register(_backend, _dtypes)(_b)
 
-# Tests only: the CUDA kernels' per-thread bodies compiled for the host and run on CPU tensors.
+# Tests only: the CUDA kernels' per-thread bodies compiled for the host and run on CPU tensors, with the
+# thread layout of the kernels' scalar path (cuda_emulation) or vector path (cuda_emulation_vec).
 cuda_emulation = _native_fns("cpu", "_cudaemu", tile="cuda")
+cuda_emulation_vec = _native_fns("cpu", "_cudaemu_vec", tile="cuda")
 
 
 def _bias32(bias):
@@ -171,7 +268,8 @@ def _bias32(bias):
 def _(x, weight, bias, cache, residual, group_size):
     from ..triton.causal_conv import causal_dwconv3d_fwd
 
-    return causal_dwconv3d_fwd(x, cache, _weights27(weight), _bias32(bias), residual, group_size)
+    y, new_cache = causal_dwconv3d_fwd(x, cache, _weights27(weight), _bias32(bias), residual, group_size)
+    return _group_end_zeros(y, weight, group_size), new_cache
 
 
 @bwd.register("triton", GPU_DTYPES)
@@ -182,7 +280,7 @@ def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
     gx, gc = causal_dwconv3d_bwd_input(grad_y, grad_cache, _weights27(weight, flip=True), cache is not None,
                                        residual, group_size)
     gw27, gb = causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size)
-    gw = gw27.t().contiguous().reshape(weight.shape).to(weight.dtype)
+    gw = _group_end_zeros_grad(gw27.t().contiguous().reshape(weight.shape), grad_y, group_size).to(weight.dtype)
     return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
 
 
@@ -244,11 +342,20 @@ def _backward(ctx, grad_y, grad_cache):
 _conv_op.register_autograd(_backward, setup_context=_setup)
 
 
-def causal_dwconv3d(x, weight, bias=None, cache=None, *, residual=False, group_size=0, backend=None):
+def causal_dwconv3d(x, weight, bias=None, cache=None, *, residual=False, group_size=0, halo_top=None,
+                    halo_bottom=None, backend=None):
     """Causal depthwise 3x3x3 conv on channels-last tokens. Returns (y, new_cache).
 
     x: (B, T, H, W, C); weight: (C, 1, 3, 3, 3); bias: (C,) or None; cache: (B, 2, H, W, C) or None
     (group mode: (B, 1, H, W, C)). y: (B, T, H, W, C) (plus x when `residual`).
+    halo_top / halo_bottom: (B, P+T, W, C) or None (P = cache frames, 2 or 1): the rows just above / below
+    x in a taller frame, for the frames of cat(cache or zeros, x); a band so computed equals those rows of
+    a call on the whole frame (module docstring). Every backend; differentiable in the halos too.
     """
     _check(x, weight, bias, cache, residual, group_size)
-    return torch.ops.leanvae.causal_dwconv3d(x, weight, bias, cache, residual, group_size, resolve(backend))
+    _check_halos(x, halo_top, halo_bottom, group_size)
+    backend = resolve(backend)
+    y, new_cache = torch.ops.leanvae.causal_dwconv3d(x, weight, bias, cache, residual, group_size, backend)
+    if halo_top is not None or halo_bottom is not None:
+        y = _with_halos(y, x, weight, bias, cache, residual, group_size, halo_top, halo_bottom, backend)
+    return y, new_cache

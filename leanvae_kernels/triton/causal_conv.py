@@ -37,7 +37,7 @@ def _tap_valid(t, i, T, G, GROUP: tl.constexpr):
 @triton.jit
 def _conv_step(
     s, f_ptr, f_h, f_w, f_c, f_ok, acc0, acc1, acc2, init,
-    w_cols, h, offs_w, offs_c, mask, out_ptr, pix_out, o_t, ocache_ptr, pix_q, q_t, res_ptr, pix_res, res_t,
+    wt, h, offs_w, offs_c, mask, out_ptr, pix_out, o_t, ocache_ptr, pix_q, q_t, res_ptr, pix_res, res_t,
     gnc_ptr, pix_gnc, gnc_t, T, H, W, C, G,
     BWD: tl.constexpr, GROUP: tl.constexpr, RESIDUAL: tl.constexpr, HAS_OCACHE: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -75,15 +75,17 @@ def _conv_step(
                         q = s - (T - N)
                         tl.store(ocache_ptr + q * q_t + pix_q, xs, mask=mask & (q >= 0) & (s < T))
             xf = xs.to(tl.float32)
-            tap = j * 3 + kk
             if BWD:
-                c0 += tl.load(w_cols + (0 * 9 + tap) * C)[None, :] * xf
-                c1 += tl.load(w_cols + (1 * 9 + tap) * C)[None, :] * xf
-                c2 += tl.load(w_cols + (2 * 9 + tap) * C)[None, :] * xf
+                # Taps reading grad_y past the frame are skipped, not multiplied by the zero padding: with
+                # an Inf or NaN weight 0 * w is NaN, and the reference's conv backward never forms them.
+                inb = ((ww >= 0) & (ww < W))[:, None] & (hh >= 0) & (hh < H)
+                c0 += tl.where(inb, wt[0 * 9 + j * 3 + kk][None, :] * xf, 0.0)
+                c1 += tl.where(inb, wt[1 * 9 + j * 3 + kk][None, :] * xf, 0.0)
+                c2 += tl.where(inb, wt[2 * 9 + j * 3 + kk][None, :] * xf, 0.0)
             else:
-                c0 += tl.load(w_cols + (2 * 9 + tap) * C)[None, :] * xf
-                c1 += tl.load(w_cols + (1 * 9 + tap) * C)[None, :] * xf
-                c2 += tl.load(w_cols + (0 * 9 + tap) * C)[None, :] * xf
+                c0 += wt[2 * 9 + j * 3 + kk][None, :] * xf
+                c1 += wt[1 * 9 + j * 3 + kk][None, :] * xf
+                c2 += wt[0 * 9 + j * 3 + kk][None, :] * xf
     # An invalid tap's contribution is dropped (not multiplied by zero: NaN * 0 is NaN).
     acc0 = tl.where(v0, acc0 + c0, acc0)
     acc1 = tl.where(v1, acc1 + c1, acc1)
@@ -104,6 +106,40 @@ def _conv_step(
             tl.store(ocache_ptr + (o + N) * q_t + pix_q, res.to(ocache_ptr.dtype.element_ty), mask=mask & (o < 0))
     tl.store(out_ptr + o * o_t + pix_out, res.to(out_ptr.dtype.element_ty), mask=mask & (o >= 0) & (o < T))
     return acc1, acc2, init
+
+
+@triton.jit
+def _load_taps(w_cols, C):
+    """The 27 tap vectors (BLOCK_C,) of weights (27, C) as a tuple, tap-major."""
+    return (
+        tl.load(w_cols + 0 * C),
+        tl.load(w_cols + 1 * C),
+        tl.load(w_cols + 2 * C),
+        tl.load(w_cols + 3 * C),
+        tl.load(w_cols + 4 * C),
+        tl.load(w_cols + 5 * C),
+        tl.load(w_cols + 6 * C),
+        tl.load(w_cols + 7 * C),
+        tl.load(w_cols + 8 * C),
+        tl.load(w_cols + 9 * C),
+        tl.load(w_cols + 10 * C),
+        tl.load(w_cols + 11 * C),
+        tl.load(w_cols + 12 * C),
+        tl.load(w_cols + 13 * C),
+        tl.load(w_cols + 14 * C),
+        tl.load(w_cols + 15 * C),
+        tl.load(w_cols + 16 * C),
+        tl.load(w_cols + 17 * C),
+        tl.load(w_cols + 18 * C),
+        tl.load(w_cols + 19 * C),
+        tl.load(w_cols + 20 * C),
+        tl.load(w_cols + 21 * C),
+        tl.load(w_cols + 22 * C),
+        tl.load(w_cols + 23 * C),
+        tl.load(w_cols + 24 * C),
+        tl.load(w_cols + 25 * C),
+        tl.load(w_cols + 26 * C),
+    )
 
 
 @triton.jit
@@ -137,6 +173,9 @@ def _causal_dwconv3d_kernel(
     mask_c = offs_c < C
     mask = (offs_w < W)[:, None] & mask_c[None, :]
     w_cols = w_ptr + tl.where(mask_c, offs_c, 0)  # weights (27, C); masked channels read channel 0
+    # The 27 tap vectors, loaded once for the whole frame walk (inside it the loads are not hoisted: the
+    # stores to y and the cache may alias the weights as far as the compiler knows).
+    wt = _load_taps(w_cols, C)
     init = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
     if HAS_BIAS:
         init += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
@@ -172,21 +211,21 @@ def _causal_dwconv3d_kernel(
         while s < s_hi:
             acc0, acc1, acc2 = _frame_step(
                 s, acc0, acc1, acc2, init, src_b, aux_b, aux_ok, s_t, s_h, s_w, s_c, a_t, a_h, a_w, a_c,
-                w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
+                wt, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
                 T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
             s += 1
     else:
         for s in range(s_lo, s_hi):
             acc0, acc1, acc2 = _frame_step(
                 s, acc0, acc1, acc2, init, src_b, aux_b, aux_ok, s_t, s_h, s_w, s_c, a_t, a_h, a_w, a_c,
-                w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
+                wt, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
                 T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
 
 
 @triton.jit
 def _frame_step(
     s, acc0, acc1, acc2, init, src_b, aux_b, aux_ok, s_t, s_h, s_w, s_c, a_t, a_h, a_w, a_c,
-    w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
+    wt, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, pix_src, pix_aux,
     T, H, W, C, G, BWD: tl.constexpr, GROUP: tl.constexpr, RESIDUAL: tl.constexpr, HAS_OCACHE: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -195,7 +234,7 @@ def _frame_step(
     if BWD:
         return _conv_step(
             s, src_b + s * s_t, s_h, s_w, s_c, s < T, acc0, acc1, acc2, init,
-            w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
+            wt, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
             aux_b, pix_aux, a_t, T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
     else:
         in_cache = s < 0
@@ -203,7 +242,7 @@ def _frame_step(
             s, tl.where(in_cache, aux_b + (s + N) * a_t, src_b + s * s_t), tl.where(in_cache, a_h, s_h),
             tl.where(in_cache, a_w, s_w), tl.where(in_cache, a_c, s_c), tl.where(in_cache, aux_ok, s < T),
             acc0, acc1, acc2, init,
-            w_cols, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
+            wt, h, offs_w, offs_c, mask, out_b, pix_out, o_t, ocache_b, pix_q, q_t, src_b, pix_src, s_t,
             aux_b, pix_aux, a_t, T, H, W, C, G, BWD, GROUP, RESIDUAL, HAS_OCACHE, BLOCK_W, BLOCK_C)
 
 
@@ -292,8 +331,10 @@ def _sum_partials_kernel(part_ptr, out_ptr, NBLK, M, BLOCK: tl.constexpr, INTERP
 
 def _blocks(w, c):
     """(BLOCK_W, BLOCK_C). The interpreter's cost is per operation, not per element: whole rows there.
-    On GPUs 8 x 32 with 4 warps: compiled for sm_90, the kernels then need 128 (forward) and 161 (grad input)
-    registers without spilling; 16 x 64 needs 244 and spills with strided channels."""
+    On GPUs 8 x 32 with 4 warps. Compiled for sm_90 as launched at (1, 5, 135, 240, 512) bf16 (Triton 3.9;
+    tests/test_causal_conv.py, test_triton_kernels_compile_for_sm90_without_spills) the forward needs 95-99
+    registers and the grad input 120-128, without spilling (219-231 before the taps were hoisted out of the
+    frame walk). An earlier, generically specialised compile found 16 x 64 at 244 registers, spilling."""
     if interpreting():
         return triton.next_power_of_2(w), triton.next_power_of_2(c)
     return 8, min(32, triton.next_power_of_2(c))
@@ -339,8 +380,9 @@ def causal_dwconv3d_bwd_input(grad_y, grad_cache, wflip27, has_cache, residual, 
 
 
 # Positions per partial sum of the weight grad: WGRAD_SUB sub-blocks of BLOCK_P (fewer for small calls).
-# On GPUs 16 positions x 32 channels with 4 warps: compiled for sm_90 that needs 186 registers and does not
-# spill (64 x 32 does, heavily: nine tiles of 64-bit addresses in flight).
+# On GPUs 16 positions x 32 channels with 4 warps: compiled for sm_90 as launched at (1, 5, 135, 240, 512)
+# bf16 that needs 64-80 registers and does not spill (64 x 32 did, heavily, in an earlier generic compile:
+# nine tiles of 64-bit addresses in flight).
 WGRAD_POSITIONS = 1024
 
 
@@ -365,4 +407,6 @@ def causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size):
     out = torch.empty((28, c), dtype=torch.float32, device=x.device)
     m = 28 * c
     _sum_partials_kernel[(triton.cdiv(m, 1024),)](part, out, nblk, m, BLOCK=1024, INTERPRET=interpreting())
-    return out[:27], out[27]
+    # Two buffers, not two views of one: with C == 1 the weight gradient's (27, 1) -> (1, 27) reshape is a
+    # view, and an op must not return outputs that alias each other.
+    return out[:27], out[27].clone()
