@@ -3,7 +3,7 @@
 Layout of the output DIR:
   meta.json              checkpoint sha256, model config, package version, the options that shape latents
   shard-00000.safetensors ...  latents, one tensor per clip (latent_dim, 1+k, H/8, W/8); the shard's index
-                         lines and errors ride in its safetensors metadata, so a shard is complete exactly
+                         lines and errors ride in its safetensors metadata (key "leanvae"), so a shard is complete exactly
                          when its file exists (written as *.tmp, renamed when complete)
   index.jsonl            one line per clip (merged from the shards at the end)
   errors.jsonl           one line per skipped input, with the reason
@@ -178,8 +178,10 @@ def _encode_whole(model, frames, device, dtype):
 
 
 def _shard_metadata(records, errors):
-    return {"format": "leanvae-latents", "format_version": str(FORMAT_VERSION),
-            "index": json.dumps(records), "errors": json.dumps(errors)}
+    # one key: safetensors keeps metadata in a hash map, so several keys would be written in varying
+    # order and the same shard would not be the same bytes from run to run
+    return {"leanvae": json.dumps({"format": "leanvae-latents", "format_version": FORMAT_VERSION,
+                                   "index": records, "errors": errors})}
 
 
 def _read_shard_metadata(path):
@@ -187,7 +189,10 @@ def _read_shard_metadata(path):
 
     with safe_open(path, framework="pt") as f:
         md = f.metadata() or {}
-    return json.loads(md.get("index", "[]")), json.loads(md.get("errors", "[]"))
+    if "leanvae" not in md:
+        raise EncodeError(f"{path} is not a shard written by `leanvae encode` (no 'leanvae' metadata)")
+    md = json.loads(md["leanvae"])
+    return md["index"], md["errors"]
 
 
 def _write_shard(path, tensors, metadata):
