@@ -306,6 +306,14 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
         tqdm = _need("tqdm").tqdm
         bar = tqdm(total=len(videos), unit="video", desc="encode", file=sys.stderr, dynamic_ncols=True)
     totals = [0.0, 0.0, 0.0, 0.0, 0.0]  # videos, clips, frames, failures, skipped (complete) shards
+    # one DataLoader over the videos of all this rank's incomplete shards, in order: its workers decode
+    # ahead across shard boundaries, so the device does not wait for frames at the start of each shard
+    todo = [k for k in range(rank, n_shards, world) if not os.path.exists(os.path.join(out, shard_name(k)))]
+    ds = VideoClipDataset([videos[i] for k in todo for i in range(k * vps, min((k + 1) * vps, len(videos)))],
+                          **clip_options)
+    workers = min(a["workers"], len(ds))
+    items = iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                             collate_fn=_identity, prefetch_factor=4 if workers else None))
     for r in range(rounds):
         k = r * world + rank
         counts = [0, 0, 0, 0, 0]
@@ -316,8 +324,7 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
                 records, errors = _read_shard_metadata(path)
                 counts = [len(shard_videos), len(records), sum(rec["frames"] for rec in records), len(errors), 1]
             else:
-                counts = _encode_shard(model, videos, shard_videos, path, clip_options, a, dev, tdtype,
-                                       VideoClipDataset)
+                counts = _encode_shard(model, items, shard_videos, path, a, dev, tdtype)
         g = dist.sum(counts)
         totals = [t + c for t, c in zip(totals, g)]
         if bar is not None:
@@ -354,16 +361,13 @@ def _identity(item):
     return item
 
 
-def _encode_shard(model, videos, shard_videos, path, clip_options, a, dev, tdtype, VideoClipDataset):
-    """Encode the videos `shard_videos` (indices into `videos`) into the shard file `path`.
+def _encode_shard(model, items, shard_videos, path, a, dev, tdtype):
+    """Encode the next len(shard_videos) videos from the loader iterator `items` (videos
+    `shard_videos`, indices into the input list) into the shard file `path`.
     Returns [videos, clips, frames, failures, 0]."""
-    ds = VideoClipDataset([videos[i] for i in shard_videos], **clip_options)
-    workers = min(a["workers"], len(ds))
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
-                                         collate_fn=_identity, prefetch_factor=2 if workers else None)
     tensors, records, errors = {}, [], []
-    for j, vpath, info, clips, err in loader:
-        vidx = shard_videos[j]
+    for vidx in shard_videos:
+        _, vpath, info, clips, err = next(items)
         if err is not None:
             errors.append({"path": vpath, "video": vidx, "reason": err})
             continue
