@@ -169,6 +169,11 @@ def cmd_encode(args):
     except (ValueError, EncodeError) as exc:
         print(f"leanvae encode: {exc}", file=sys.stderr)
         return 2
+    if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
+        import json
+
+        with open(args.summary_json, "w") as f:
+            json.dump(summary, f, indent=1)
     if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
         print(f"encoded {summary['clips']} clips ({summary['frames']} frames) from {summary['videos']} videos "
               f"into {summary['shards']} shards ({summary['resumed_shards']} already complete) on "
@@ -249,6 +254,8 @@ def build_parser():
     e.add_argument("--overwrite", action="store_true", help="delete what DIR holds and start over")
     e.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    e.add_argument("--summary-json", default=None, help="also write the final summary (counts, wall time, "
+                                                         "clips/s, device busy fraction) to this JSON file")
     e.set_defaults(func=cmd_encode)
 
     d = sub.add_parser("decode", help="decode latents stored by `encode` back to mp4 files for inspection")

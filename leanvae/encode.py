@@ -296,6 +296,9 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     except Exception as exc:
         raise EncodeError(f"cannot load checkpoint {checkpoint}: {exc}") from exc
 
+    setup_s = time.perf_counter() - start_time
+    start_time = time.perf_counter()  # throughput counts from here: checkpoint hashing and model load excluded
+
     # ---- this rank's shards: k = rank, rank + world, ...; all ranks run the same number of rounds
     vps = a["videos_per_shard"]
     rounds = (n_shards + world - 1) // world
@@ -305,6 +308,7 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     if rank == 0 and not a["quiet"]:
         tqdm = _need("tqdm").tqdm
         bar = tqdm(total=len(videos), unit="video", desc="encode", file=sys.stderr, dynamic_ncols=True)
+    _ENCODE_SECONDS[0] = 0.0
     totals = [0.0, 0.0, 0.0, 0.0, 0.0]  # videos, clips, frames, failures, skipped (complete) shards
     # one DataLoader over the videos of all this rank's incomplete shards, in order: its workers decode
     # ahead across shard boundaries, so the device does not wait for frames at the start of each shard
@@ -334,7 +338,8 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
             bar.update(int(g[0]))
     if bar is not None:
         bar.close()
-    dist.barrier()
+    wall = time.perf_counter() - start_time
+    busy = dist.sum([_ENCODE_SECONDS[0] / max(wall, 1e-9)])[0] / world
 
     # ---- rank 0 merges the index and the errors of all shards, in input order
     summary = None
@@ -349,12 +354,14 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
             _atomic_write_text(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
         except OSError as exc:
             raise EncodeError(f"cannot write the index in {out}: {exc}") from exc
-        wall = time.perf_counter() - start_time
-        summary = {"videos": len(videos), "clips": len(index), "frames": sum(r["frames"] for r in index),
+        summary = {"device_busy_fraction": busy, "videos": len(videos), "clips": len(index), "frames": sum(r["frames"] for r in index),
                    "failures": len(errors), "shards": n_shards, "resumed_shards": int(totals[4]),
-                   "ranks": world, "wall_s": wall,
+                   "ranks": world, "setup_s": setup_s, "wall_s": wall,
                    "clips_per_s": totals[1] / wall, "frames_per_s": totals[2] / wall}
     return dist.broadcast(summary)
+
+
+_ENCODE_SECONDS = [0.0]  # time spent in model calls on this rank (device busy), for the summary
 
 
 def _identity(item):
@@ -372,6 +379,7 @@ def _encode_shard(model, items, shard_videos, path, a, dev, tdtype):
             errors.append({"path": vpath, "video": vidx, "reason": err})
             continue
         zs = []
+        t0 = time.perf_counter()
         try:
             if a["whole"]:
                 zs.append(_encode_whole(model, clips[0][1], dev, tdtype))
@@ -382,7 +390,8 @@ def _encode_shard(model, items, shard_videos, path, a, dev, tdtype):
         except (ValueError, TypeError) as exc:  # the model refused these frames
             errors.append({"path": vpath, "video": vidx, "reason": f"{vpath}: {exc}"})
             continue
-        z = torch.cat(zs).cpu()
+        z = torch.cat(zs).cpu()  # waits for the device: the time below is the device's share of the run
+        _ENCODE_SECONDS[0] += time.perf_counter() - t0
         for c, ((first, frames), zc) in enumerate(zip(clips, z)):
             key = f"v{vidx:08d}_c{c:05d}"
             tensors[key] = zc.contiguous()
