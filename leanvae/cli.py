@@ -165,7 +165,7 @@ def cmd_encode(args):
             max_clips_per_video=args.max_clips_per_video, whole=args.whole, size=args.size, fps=args.fps,
             dtype=_DTYPES[args.dtype], device=args.device, batch_size=args.batch_size, fused=args.fused,
             tile=args.tile, videos_per_shard=args.videos_per_shard, workers=args.workers,
-            overwrite=args.overwrite, strict=args.strict, quiet=args.quiet)
+            overwrite=args.overwrite, quiet=args.quiet)
     except (ValueError, EncodeError) as exc:
         print(f"leanvae encode: {exc}", file=sys.stderr)
         return 2

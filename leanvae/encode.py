@@ -213,11 +213,13 @@ def _write_shard(path, tensors, metadata):
 
 def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips_per_video=None, whole=False,
                    size=None, fps=None, dtype="float32", device=None, batch_size=1, fused=True, tile=False,
-                   videos_per_shard=16, workers=2, overwrite=False, strict=False, quiet=False):
+                   videos_per_shard=16, workers=2, overwrite=False, quiet=False):
     """Encode the videos in `inputs` (files, folders, manifests) to latents in `out` with `checkpoint`.
 
-    Run by one process, or by each rank under torchrun. Returns the summary dict (all ranks' totals);
-    raises ValueError for bad arguments and EncodeError for a run that cannot go on.
+    Run by one process, or by each rank under torchrun. Bad inputs are skipped and listed in
+    errors.jsonl (`summary["failures"]`; the CLI's --strict turns them into exit 1). Returns the summary
+    dict (all ranks' totals) on every rank; raises ValueError for bad arguments and EncodeError for a run
+    that cannot go on.
     """
     _need("safetensors")
     from . import __version__

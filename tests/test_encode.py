@@ -264,3 +264,17 @@ def test_bad_arguments_are_clear(dataset, tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert main(["decode", str(tmp_path), "--out", str(tmp_path / "v")]) == 2
     assert "no index.jsonl" in capsys.readouterr().err
+
+
+def test_clip_starts_and_fps_resampling():
+    from leanvae.data import clip_starts, resample_fps
+
+    assert clip_starts(21, 5) == [0, 5, 10, 15]
+    assert clip_starts(21, 5, stride=3) == [0, 3, 6, 9, 12, 15]
+    assert clip_starts(21, 5, stride=3, max_clips=2) == [0, 3]
+    assert clip_starts(4, 5) == []
+    frames = np.arange(24).reshape(24, 1, 1, 1).astype(np.uint8)
+    half, fps = resample_fps(frames, 24.0, 12.0)
+    assert fps == 12.0 and half[:, 0, 0, 0].tolist() == list(range(0, 24, 2))
+    same, fps = resample_fps(frames, 24.0, 24.0)
+    assert same is frames and fps == 24.0
