@@ -278,3 +278,9 @@ def test_clip_starts_and_fps_resampling():
     assert fps == 12.0 and half[:, 0, 0, 0].tolist() == list(range(0, 24, 2))
     same, fps = resample_fps(frames, 24.0, 24.0)
     assert same is frames and fps == 24.0
+
+
+def test_missing_safetensors_is_a_clear_message(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed
+    assert main(["encode", dataset["videos"], "--out", str(tmp_path / "o"), "--checkpoint", dataset["ckpt"]]) == 2
+    assert "needs the safetensors package: pip install safetensors" in capsys.readouterr().err
