@@ -249,12 +249,13 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
                          f"(looked for {', '.join(e for e in __import__('leanvae.data').data.VIDEO_EXTENSIONS)})")
 
     dev_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
-    dist = _Dist(dev_type)
-    if dev_type == "cuda":
-        dev = torch.device("cuda", dist.local_rank if device in (None, "cuda") else torch.device(device).index or 0)
+    if dev_type == "cuda":  # each rank on its own GPU, set before nccl starts
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = torch.device("cuda", local_rank if device in (None, "cuda") else torch.device(device).index or 0)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(device or "cpu")
+    dist = _Dist(dev_type)
     tdtype = _DTYPES[dtype]
     try:
         return _run(videos, out, checkpoint, dist, dev, tdtype, locals(), __version__, VideoClipDataset)
