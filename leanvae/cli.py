@@ -1,4 +1,4 @@
-"""Command line: `python -m leanvae {info,bench,reconstruct}`."""
+"""Command line: `python -m leanvae {info,bench,reconstruct,encode,decode}`."""
 import argparse
 import os
 import platform
@@ -168,6 +168,47 @@ def cmd_reconstruct(args):
     return 0
 
 
+def cmd_encode(args):
+    from .encode import EncodeError, encode_dataset
+
+    try:
+        summary = encode_dataset(
+            args.inputs, args.out, args.checkpoint, frames=args.frames, stride=args.stride,
+            max_clips_per_video=args.max_clips_per_video, whole=args.whole, size=args.size, fps=args.fps,
+            dtype=_DTYPES[args.dtype], device=args.device, batch_size=args.batch_size, fused=args.fused,
+            tile=args.tile, videos_per_shard=args.videos_per_shard, workers=args.workers,
+            overwrite=args.overwrite, quiet=args.quiet)
+    except (ValueError, EncodeError) as exc:
+        print(f"leanvae encode: {exc}", file=sys.stderr)
+        return 2
+    if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
+        import json
+
+        with open(args.summary_json, "w") as f:
+            json.dump(summary, f, indent=1)
+    if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
+        print(f"encoded {summary['clips']} clips ({summary['frames']} frames) from {summary['videos']} videos "
+              f"into {summary['shards']} shards ({summary['resumed_shards']} already complete) on "
+              f"{summary['ranks']} rank(s) in {summary['wall_s']:.1f} s: {summary['clips_per_s']:.2f} clips/s, "
+              f"{summary['frames_per_s']:.1f} frames/s; {summary['failures']} failed"
+              + (f" (see {os.path.join(args.out, 'errors.jsonl')})" if summary["failures"] else ""))
+    return 1 if (args.strict and summary["failures"]) else 0
+
+
+def cmd_decode(args):
+    from .encode import EncodeError, decode_dataset
+
+    try:
+        paths = decode_dataset(args.dir, args.out, checkpoint=args.checkpoint, limit=args.limit,
+                               device=args.device, fused=args.fused, quiet=args.quiet)
+    except (ValueError, EncodeError) as exc:
+        print(f"leanvae decode: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"wrote {len(paths)} videos to {args.out}")
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m leanvae", description="LeanVAE with fused kernels")
     sub = p.add_subparsers(dest="command", required=True)
@@ -202,6 +243,42 @@ def build_parser():
     r.add_argument("--device", default=None)
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.set_defaults(func=cmd_reconstruct)
+
+    e = sub.add_parser("encode", help="encode a video dataset to latents (safetensors shards + index.jsonl); "
+                                      "resumable; run under torchrun to use several processes/GPUs/nodes")
+    e.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="video files, folders (searched recursively) or manifests (.txt: one path a line; .csv: a path column)")
+    e.add_argument("--out", required=True, help="output DIR")
+    e.add_argument("--checkpoint", required=True, help="a LeanVAE checkpoint {'args': ..., 'state_dict': ...}")
+    e.add_argument("--frames", type=int, default=17, help="frames per clip, 1+4k (default 17)")
+    e.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: --frames)")
+    e.add_argument("--max-clips-per-video", type=int, default=None)
+    e.add_argument("--whole", action="store_true", help="one clip of every frame (1+4k), encoded chunk by chunk")
+    e.add_argument("--size", type=_size, default=None, help="HxW: resize and centre-crop every video to this size")
+    e.add_argument("--fps", type=float, default=None, help="resample to this frame rate")
+    e.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    e.add_argument("--batch-size", type=int, default=1, help="clips per model call (clips of one video)")
+    e.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused kernels (default on)")
+    e.add_argument("--tile", action="store_true", help="temporal tiled encode (the model's chunk size)")
+    e.add_argument("--videos-per-shard", type=int, default=16)
+    e.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding video (0: in process)")
+    e.add_argument("--overwrite", action="store_true", help="delete what DIR holds and start over")
+    e.add_argument("--strict", action="store_true", help="exit 1 if any input was skipped")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    e.add_argument("--summary-json", default=None, help="also write the final summary (counts, wall time, "
+                                                         "clips/s, device busy fraction) to this JSON file")
+    e.set_defaults(func=cmd_encode)
+
+    d = sub.add_parser("decode", help="decode latents stored by `encode` back to mp4 files for inspection")
+    d.add_argument("dir", help="a DIR written by `leanvae encode`")
+    d.add_argument("--out", required=True, help="folder for the mp4 files")
+    d.add_argument("--limit", type=int, default=None, help="decode only the first N clips")
+    d.add_argument("--checkpoint", default=None, help="default: the checkpoint recorded in DIR/meta.json")
+    d.add_argument("--device", default=None)
+    d.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.set_defaults(func=cmd_decode)
     return p
 
 
