@@ -1,0 +1,263 @@
+"""Patch-parallel encode and decode: one clip split into bands of token rows across the ranks of a
+`torch.distributed` process group, with a result equal to the single-process one (issue 12).
+
+    import leanvae.parallel as lp
+    rows = lp.split_rows(H // 8, world_size)               # token rows per rank, uneven allowed
+    x_band = lp.split_clip(x, rank=rank, world_size=world_size)
+    z_band = lp.encode(model, x_band)                       # (B, d, T', rows_r, W/8)
+    x_band_rec = lp.decode(model, z_band)                   # (B, 3, T, 8*rows_r, W)
+    x_rec = lp.gather_bands(x_band_rec, dim=-2)             # the whole clip, on every rank
+
+What reads across token rows (checked in leanvae/model.py, modules.py, patcher.py):
+- `PEG3D` (a 3x3x3 causal depthwise conv, in every NAF/ResNAF of the encoder, decoder and the ISTA
+  bottleneck's `recon`) reads one token row above and below: the ONLY cross-row operation.
+- `Patcher` / `UnPatcher`: one-level Haar with stride 2 and no overlap; the band's pixel height is a
+  multiple of 8 (even), so no reflect padding is added at a band edge: local to each 2x2x2 block.
+- `PatchToTokens` / `TokensToPatch` (4x4 pixels of the Haar bands per token), the patch projections,
+  LayerNorm, Linear, GEGLU, Dropout, `std_layer`, the ISTA `sample` / `recon` GEMMs and soft threshold:
+  per token. The temporal tiling (chunking along T) is per band unchanged; each PEG3D keeps its causal
+  cache (the last 2 frames of the band) per rank.
+So each PEG3D call becomes: exchange one row with each neighbour (the edge row of cat(cache or zeros, x)
+for every frame), then convolve the band with those rows in place of the zero padding. Everything else
+runs the model's own submodules on the band; the model's code is not modified: during a call, each
+PEG3D instance's `forward` is replaced by a band forward and restored afterwards.
+
+Paths: `fused=False` (default) convolves with the model's own `ds_conv` (nn.Conv3d) on the band padded
+with the halo rows; `fused=True` calls `leanvae_kernels.causal_dwconv3d(..., halo_top=, halo_bottom=)`.
+Inference (`torch.no_grad`) is what is tested; gradients flow through the local computation but NOT
+through the halo exchange (the neighbour's contribution to a row's gradient is dropped): training is
+not supported.
+"""
+import contextlib
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from .modules import PEG3D
+
+__all__ = ["split_rows", "split_clip", "gather_bands", "encode", "decode"]
+
+# Modules whose classes may appear in a model run here: the reference model and torch.nn. A model patched
+# by `use_fused_kernels` (PEG3D replaced) would silently lose the halo, so it is refused.
+_ALLOWED_MODULE_PREFIXES = ("leanvae.modules", "leanvae.patcher", "leanvae.model", "torch.nn")
+
+
+def split_rows(n_rows, world_size):
+    """[(start, end)] of token rows per rank: as even as possible, the first `n_rows % world_size` ranks
+    one row taller. Every rank needs at least one row (the halo is one row deep)."""
+    if not isinstance(n_rows, int) or not isinstance(world_size, int):
+        raise TypeError(f"split_rows: n_rows and world_size must be ints, got {type(n_rows).__name__}, {type(world_size).__name__}")
+    if world_size < 1:
+        raise ValueError(f"split_rows: world_size must be >= 1, got {world_size}")
+    if n_rows < world_size:
+        raise ValueError(
+            f"split_rows: {n_rows} token rows cannot be split across {world_size} ranks: every band needs at "
+            "least one token row (8 pixel rows) for the one-row halo"
+        )
+    base, extra = divmod(n_rows, world_size)
+    out, start = [], 0
+    for r in range(world_size):
+        end = start + base + (1 if r < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def split_clip(x, rank, world_size, rows=None, latent=False):
+    """The band of `x` (..., H, W) that `rank` holds. Pixels (default): 8 pixel rows per token row;
+    `latent=True`: z (B, d, T, h, w), one row per token row. `rows`: [(start, end)] token rows per rank
+    (default `split_rows`)."""
+    scale = 1 if latent else 8
+    h = x.shape[-2]
+    if h % scale:
+        raise ValueError(f"split_clip: H must be a multiple of {scale}, got {h}")
+    if rows is None:
+        rows = split_rows(h // scale, world_size)
+    if len(rows) != world_size:
+        raise ValueError(f"split_clip: rows must have one (start, end) per rank ({world_size}), got {len(rows)}")
+    start, end = rows[rank]
+    return x[..., start * scale:end * scale, :]
+
+
+def _group_info(group):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("leanvae.parallel: torch.distributed is not initialised; call init_process_group first")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def gather_bands(band, dim=-2, group=None):
+    """All-gather bands of possibly different heights along `dim`; every rank gets the whole tensor."""
+    import torch.distributed as dist
+
+    rank, world = _group_info(group)
+    if world == 1:
+        return band
+    dim = dim % band.ndim
+    sizes = torch.tensor([band.shape[dim]], dtype=torch.int64, device=band.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    all_sizes = [int(s.item()) for s in all_sizes]
+    top = max(all_sizes)
+    pad = list(band.shape)
+    pad[dim] = top - band.shape[dim]
+    padded = torch.cat([band, band.new_zeros(pad)], dim=dim).contiguous()
+    bufs = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(bufs, padded, group=group)
+    return torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, all_sizes)], dim=dim)
+
+
+class _Ctx:
+    def __init__(self, group, rank, world, fused, backend):
+        import torch.distributed as dist
+
+        self.group, self.rank, self.world, self.fused, self.backend = group, rank, world, fused, backend
+        self.up = dist.get_global_rank(group, rank - 1) if group is not None and rank > 0 else (rank - 1 if rank > 0 else None)
+        self.down = (
+            (dist.get_global_rank(group, rank + 1) if group is not None else rank + 1) if rank < world - 1 else None
+        )
+        self.cache = {}
+
+    def exchange(self, full):
+        """full: (B, 2+T, Hb, W, C). Returns (halo_top, halo_bottom), each (B, 2+T, W, C) or None."""
+        import torch.distributed as dist
+
+        ops, top, bottom = [], None, None
+        if self.up is not None:
+            top = torch.empty_like(full[:, :, 0])
+            ops += [dist.P2POp(dist.isend, full[:, :, 0].contiguous(), self.up, self.group),
+                    dist.P2POp(dist.irecv, top, self.up, self.group)]
+        if self.down is not None:
+            bottom = torch.empty_like(full[:, :, -1])
+            ops += [dist.P2POp(dist.isend, full[:, :, -1].contiguous(), self.down, self.group),
+                    dist.P2POp(dist.irecv, bottom, self.down, self.group)]
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        return top, bottom
+
+    def peg_forward(self, peg, x):
+        """PEG3D on a band: x (B, T, Hb, W, C) -> (B, T, Hb, W, C), equal to those rows of the whole frame."""
+        b, t, hb, w, c = x.shape
+        cache = self.cache.get(id(peg)) if (peg.tile_inference and not peg.is_first_chunk) else None
+        if peg.tile_inference and not peg.is_first_chunk and cache is None:
+            raise RuntimeError("leanvae.parallel: a later chunk ran before the first one (no causal cache)")
+        past = cache if cache is not None else x.new_zeros(b, 2, hb, w, c)
+        full = torch.cat([past, x], dim=1)
+        if peg.tile_inference:
+            self.cache[id(peg)] = full[:, -2:].clone()
+        top, bottom = self.exchange(full)
+        conv = peg.ds_conv
+        if self.fused:
+            import leanvae_kernels
+
+            y, _ = leanvae_kernels.causal_dwconv3d(
+                x.contiguous(), conv.weight, conv.bias, cache, residual=False,
+                halo_top=top, halo_bottom=bottom, backend=self.backend,
+            )
+            return y
+        zeros = x.new_zeros(b, 2 + t, 1, w, c)
+        rows = [zeros if top is None else top.unsqueeze(2), full, zeros if bottom is None else bottom.unsqueeze(2)]
+        padded = torch.cat(rows, dim=2).permute(0, 4, 1, 2, 3)      # (B, C, 2+T, Hb+2, W)
+        padded = F.pad(padded, (1, 1, 0, 0, 0, 0), value=0.0)     # zeros left and right, as PEG3D
+        return conv(padded.contiguous()).permute(0, 2, 3, 4, 1)
+
+
+@contextlib.contextmanager
+def _band_pegs(model, ctx):
+    pegs = [m for m in model.modules() if isinstance(m, PEG3D)]
+    for m in pegs:
+        m.forward = (lambda mod: (lambda x: ctx.peg_forward(mod, x)))(m)
+    try:
+        yield
+    finally:
+        for m in pegs:
+            del m.forward
+
+
+def _check_model(model, what):
+    for name, m in model.named_modules():
+        mod = type(m).__module__
+        if not mod.startswith(_ALLOWED_MODULE_PREFIXES):
+            raise TypeError(
+                f"leanvae.parallel.{what}: module {name or 'model'} is a {type(m).__module__}.{type(m).__name__}; "
+                "only the reference LeanVAE is supported (revert use_fused_kernels and pass fused=True instead)"
+            )
+
+
+def _check_device(x, group, what):
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "gloo" and x.device.type != "cpu":
+        raise ValueError(
+            f"leanvae.parallel.{what}: the process group uses gloo, which here exchanges CPU tensors only, "
+            f"but the band is on {x.device}; use an nccl group for CUDA tensors"
+        )
+    if backend == "nccl" and x.device.type != "cuda":
+        raise ValueError(
+            f"leanvae.parallel.{what}: the process group uses nccl, which needs CUDA tensors, but the band is on "
+            f"{x.device}; use a gloo group for CPU tensors"
+        )
+
+
+def _agree(x, group, world, what, extra):
+    """All ranks gather (ndim, every dim but H, dtype, flags, H) and check they agree; every rank raises
+    the same error, so none is left waiting in a later exchange."""
+    import torch.distributed as dist
+
+    shape = list(x.shape) + [0] * (5 - x.ndim)
+    meta = [x.ndim] + shape + [zlib.crc32(str(x.dtype).encode())] + list(extra)
+    t = torch.tensor(meta, dtype=torch.int64, device=x.device if x.device.type == "cuda" else "cpu")
+    outs = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(outs, t, group=group)
+    outs = [o.tolist() for o in outs]
+    h_index = 1 + (x.ndim - 2)  # H position inside meta
+    keys = [o[:h_index] + o[h_index + 1:] for o in outs]
+    if any(k != keys[0] for k in keys):
+        raise ValueError(
+            f"leanvae.parallel.{what}: ranks disagree on the band's shape/dtype/settings (all dims but H must "
+            f"match): per rank (ndim, shape..., dtype, flags) = {outs}"
+        )
+    heights = [o[h_index] for o in outs]
+    if min(heights) <= 0:
+        raise ValueError(f"leanvae.parallel.{what}: every rank needs at least one token row, band heights = {heights}")
+
+
+def _run(model, band, group, fused, backend, what, fn):
+    _check_model(model, what)
+    rank, world = _group_info(group)
+    if world == 1:
+        return fn(band)  # a group of one: the plain path
+    _check_device(band, group, what)
+    _agree(band, group, world, what, [int(bool(fused)), int(bool(model.tile_inference))])
+    ctx = _Ctx(group, rank, world, fused, backend)
+    with _band_pegs(model, ctx):
+        return fn(band)
+
+
+def encode(model, x_band, group=None, fused=False, backend=None):
+    """Encode this rank's band x_band (B, 3, T, 8*rows, W) (or an image band (B, 3, 8*rows, W)) of a clip
+    split along H across `group` (default: the world). Returns z_band (B, d, T', rows, W/8). Collective:
+    every rank of the group must call it with bands of the same clip, in rank order from the top."""
+    if not isinstance(x_band, torch.Tensor):
+        raise TypeError(f"leanvae.parallel.encode: x_band must be a torch.Tensor, got {type(x_band).__name__}")
+    if x_band.ndim not in (4, 5) or x_band.shape[-2] < 8:
+        raise ValueError(
+            f"leanvae.parallel.encode: x_band must be (B, 3, T, H, W) or (B, 3, H, W) with H >= 8 (one token "
+            f"row), got shape {tuple(x_band.shape)}"
+        )
+    return _run(model, x_band, group, fused, backend, "encode", model.encode)
+
+
+def decode(model, z_band, group=None, is_image=False, fused=False, backend=None):
+    """Decode this rank's latent band z_band (B, d, T', rows, w) -> (B, 3, T, 8*rows, 8w). Collective."""
+    if not isinstance(z_band, torch.Tensor):
+        raise TypeError(f"leanvae.parallel.decode: z_band must be a torch.Tensor, got {type(z_band).__name__}")
+    if z_band.ndim != 5 or z_band.shape[-2] < 1:
+        raise ValueError(
+            f"leanvae.parallel.decode: z_band must be (B, d, T, rows, w) with rows >= 1, got shape {tuple(z_band.shape)}"
+        )
+    return _run(model, z_band, group, fused, backend, "decode", lambda z: model.decode(z, is_image=is_image))
