@@ -178,12 +178,27 @@ def _band_pegs(model, ctx):
 
 
 def _check_model(model, what):
+    """Refuse a model whose modules or methods are not the reference ones (e.g. `use_fused_kernels`, which
+    replaces forwards per instance or per class): its convs would pad band edges with zeros, silently."""
     for name, m in model.named_modules():
-        mod = type(m).__module__
-        if not mod.startswith(_ALLOWED_MODULE_PREFIXES):
+        where = name or "model"
+        bad = None
+        if not type(m).__module__.startswith(_ALLOWED_MODULE_PREFIXES):
+            bad = f"is a {type(m).__module__}.{type(m).__name__}"
+        for attr, val in vars(m).items():
+            if callable(val) and not isinstance(val, (torch.nn.Module, torch.Tensor)) and not attr.startswith("_"):
+                bad = f"has its method {attr!r} replaced on the instance"
+        for cls in type(m).__mro__:
+            if cls is torch.nn.Module or not cls.__module__.startswith(("leanvae.",)):
+                continue
+            for attr, val in vars(cls).items():
+                mod = getattr(val, "__module__", None)
+                if callable(val) and mod is not None and not mod.startswith(_ALLOWED_MODULE_PREFIXES):
+                    bad = f"has {cls.__name__}.{attr} replaced by {mod}"
+        if bad:
             raise TypeError(
-                f"leanvae.parallel.{what}: module {name or 'model'} is a {type(m).__module__}.{type(m).__name__}; "
-                "only the reference LeanVAE is supported (revert use_fused_kernels and pass fused=True instead)"
+                f"leanvae.parallel.{what}: module {where} {bad}; only the unpatched reference LeanVAE is supported "
+                "(revert use_fused_kernels and pass fused=True to use the fused conv)"
             )
 
 
@@ -203,36 +218,39 @@ def _check_device(x, group, what):
         )
 
 
-def _agree(x, group, world, what, extra):
-    """All ranks gather (ndim, every dim but H, dtype, flags, H) and check they agree; every rank raises
-    the same error, so none is left waiting in a later exchange."""
+def _agree(x, group, world, what, extra, scale):
+    """All ranks gather (ndim, every dim but H, dtype, flags) and the band height, and check them together:
+    every rank raises the same error, so none is left waiting in a later exchange."""
     import torch.distributed as dist
 
     shape = list(x.shape) + [0] * (5 - x.ndim)
-    meta = [x.ndim] + shape + [zlib.crc32(str(x.dtype).encode())] + list(extra)
-    t = torch.tensor(meta, dtype=torch.int64, device=x.device if x.device.type == "cuda" else "cpu")
+    h = x.shape[-2] if x.ndim >= 2 else -1
+    meta = [x.ndim] + shape[: x.ndim - 2] + shape[x.ndim - 1:] + [zlib.crc32(str(x.dtype).encode())] + list(extra)
+    t = torch.tensor([h] + meta, dtype=torch.int64, device=x.device if x.device.type == "cuda" else "cpu")
     outs = [torch.zeros_like(t) for _ in range(world)]
     dist.all_gather(outs, t, group=group)
     outs = [o.tolist() for o in outs]
-    h_index = 1 + (x.ndim - 2)  # H position inside meta
-    keys = [o[:h_index] + o[h_index + 1:] for o in outs]
+    heights, keys = [o[0] for o in outs], [o[1:] for o in outs]
     if any(k != keys[0] for k in keys):
         raise ValueError(
-            f"leanvae.parallel.{what}: ranks disagree on the band's shape/dtype/settings (all dims but H must "
-            f"match): per rank (ndim, shape..., dtype, flags) = {outs}"
+            f"leanvae.parallel.{what}: ranks disagree on the band's shape/dtype/settings (every dim but H must "
+            f"match): per rank (ndim, dims but H..., dtype id, flags) = {keys}"
         )
-    heights = [o[h_index] for o in outs]
-    if min(heights) <= 0:
-        raise ValueError(f"leanvae.parallel.{what}: every rank needs at least one token row, band heights = {heights}")
+    if min(heights) < scale or any(hh % scale for hh in heights):
+        raise ValueError(
+            f"leanvae.parallel.{what}: every band needs a positive whole number of token rows (one row of halo "
+            f"each side; a multiple of {scale} {'pixel ' if scale > 1 else ''}rows, at least {scale}), got band "
+            f"heights per rank {heights}"
+        )
 
 
-def _run(model, band, group, fused, backend, what, fn):
+def _run(model, band, group, fused, backend, what, fn, scale):
     _check_model(model, what)
     rank, world = _group_info(group)
     if world == 1:
         return fn(band)  # a group of one: the plain path
     _check_device(band, group, what)
-    _agree(band, group, world, what, [int(bool(fused)), int(bool(model.tile_inference))])
+    _agree(band, group, world, what, [int(bool(fused)), int(bool(model.tile_inference))], scale)
     ctx = _Ctx(group, rank, world, fused, backend)
     with _band_pegs(model, ctx):
         return fn(band)
@@ -244,20 +262,11 @@ def encode(model, x_band, group=None, fused=False, backend=None):
     every rank of the group must call it with bands of the same clip, in rank order from the top."""
     if not isinstance(x_band, torch.Tensor):
         raise TypeError(f"leanvae.parallel.encode: x_band must be a torch.Tensor, got {type(x_band).__name__}")
-    if x_band.ndim not in (4, 5) or x_band.shape[-2] < 8:
-        raise ValueError(
-            f"leanvae.parallel.encode: x_band must be (B, 3, T, H, W) or (B, 3, H, W) with H >= 8 (one token "
-            f"row), got shape {tuple(x_band.shape)}"
-        )
-    return _run(model, x_band, group, fused, backend, "encode", model.encode)
+    return _run(model, x_band, group, fused, backend, "encode", model.encode, 8)
 
 
 def decode(model, z_band, group=None, is_image=False, fused=False, backend=None):
     """Decode this rank's latent band z_band (B, d, T', rows, w) -> (B, 3, T, 8*rows, 8w). Collective."""
     if not isinstance(z_band, torch.Tensor):
         raise TypeError(f"leanvae.parallel.decode: z_band must be a torch.Tensor, got {type(z_band).__name__}")
-    if z_band.ndim != 5 or z_band.shape[-2] < 1:
-        raise ValueError(
-            f"leanvae.parallel.decode: z_band must be (B, d, T, rows, w) with rows >= 1, got shape {tuple(z_band.shape)}"
-        )
-    return _run(model, z_band, group, fused, backend, "decode", lambda z: model.decode(z, is_image=is_image))
+    return _run(model, z_band, group, fused, backend, "decode", lambda z: model.decode(z, is_image=is_image), 1)
