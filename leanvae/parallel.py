@@ -29,6 +29,7 @@ through the halo exchange (the neighbour's contribution to a row's gradient is d
 not supported.
 """
 import contextlib
+import os
 import zlib
 
 import torch
@@ -270,3 +271,108 @@ def decode(model, z_band, group=None, is_image=False, fused=False, backend=None)
     if not isinstance(z_band, torch.Tensor):
         raise TypeError(f"leanvae.parallel.decode: z_band must be a torch.Tensor, got {type(z_band).__name__}")
     return _run(model, z_band, group, fused, backend, "decode", lambda z: model.decode(z, is_image=is_image), 1)
+
+
+# ------------------------------------------------------------------------------------- command line
+def init_from_env(device, timeout_s=300):
+    """Initialise the default process group from torchrun's environment: gloo for CPU, nccl for CUDA."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise RuntimeError(f"--parallel runs under torchrun (e.g. torchrun --nproc_per_node=2 -m leanvae ...); {var} is not set")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def bench_parallel(frames=17, height=256, width=256, device=None, dtype=torch.float32, latent_dim=4,
+                   backend="reference", tile=False, repeats=1, warmup=1, single=True):
+    """Per-rank time and peak activation memory of parallel encode+decode of one synthetic clip, and (on
+    rank 0, `single`) the same for one process and the agreement of the gathered result with it.
+    `backend` cpu/cuda/triton: the band convs run the fused op; auto/reference: the model's own conv."""
+    import torch.distributed as dist
+
+    from . import bench
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    init_from_env(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    fused = backend in ("cpu", "cuda", "triton")  # "auto"/"reference": the model's own conv on both sides
+
+    model = bench.build_model(latent_dim, device, dtype)
+    model.set_tile_inference(tile)
+    x = bench.synthetic_clip(frames, height, width, device=device, dtype=dtype)
+    rows = split_rows(height // 8, world)
+    xb = split_clip(x, rank, world, rows)
+    kb = None if backend in ("auto", "reference") else backend
+
+    def par():
+        with torch.no_grad():
+            model.set_tile_inference(tile)
+            z = encode(model, xb, fused=fused, backend=kb)
+            model.set_tile_inference(tile)
+            return decode(model, z, fused=fused, backend=kb)
+
+    for _ in range(warmup):
+        par()
+    dist.barrier()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        sec, band = bench.timed(par, device)
+        times.append(sec)
+    dist.barrier()
+    mem = bench.peak_memory(par, device)
+    stats = torch.tensor([min(times), float(mem), float(rows[rank][1] - rows[rank][0])], dtype=torch.float64,
+                         device=device if device.type == "cuda" else "cpu")
+    all_stats = [torch.zeros_like(stats) for _ in range(world)]
+    dist.all_gather(all_stats, stats)
+    full = gather_bands(band, dim=-2)
+    report = {"world": world, "frames": frames, "height": height, "width": width, "device": str(device),
+              "dtype": str(dtype), "path": "fused conv" if fused else "reference", "tile": tile,
+              "threads_per_rank": torch.get_num_threads(),
+              "ranks": [{"rank": r, "token_rows": int(s[2]), "seconds": float(s[0]), "peak_bytes": int(s[1])}
+                        for r, s in enumerate(t.tolist() for t in all_stats)]}
+    if rank == 0 and single:
+        def one():
+            with torch.no_grad():
+                model.set_tile_inference(tile)
+                z = model.encode(x)
+                model.set_tile_inference(tile)
+                return model.decode(z)
+
+        for _ in range(warmup):
+            one()
+        t1 = []
+        for _ in range(repeats):
+            sec, ref = bench.timed(one, device)
+            t1.append(sec)
+        report["single"] = {"seconds": min(t1), "peak_bytes": int(bench.peak_memory(one, device))}
+        report["agreement"] = bench.errors(full, ref)
+        report["speedup"] = report["single"]["seconds"] / max(r["seconds"] for r in report["ranks"])
+        report["max_rank_peak_over_single"] = max(r["peak_bytes"] for r in report["ranks"]) / max(1, report["single"]["peak_bytes"])
+    dist.barrier()
+    return report if rank == 0 else None
+
+
+def format_report(rep):
+    lines = [f"parallel encode+decode: {rep['world']} ranks x {rep['threads_per_rank']} thread(s), "
+             f"{rep['frames']}x{rep['height']}x{rep['width']} on {rep['device']} {rep['dtype']}, {rep['path']}"
+             f"{', tiled' if rep['tile'] else ''}"]
+    for r in rep["ranks"]:
+        lines.append(f"  rank {r['rank']}: {r['token_rows']:4d} token rows  {r['seconds']:8.3f} s  "
+                     f"peak {r['peak_bytes'] / 2**20:9.1f} MiB")
+    if "single" in rep:
+        s = rep["single"]
+        lines.append(f"  1 process:              {s['seconds']:8.3f} s  peak {s['peak_bytes'] / 2**20:9.1f} MiB")
+        lines.append(f"  speedup {rep['speedup']:.2f}x; largest rank peak / 1-process peak = "
+                     f"{rep['max_rank_peak_over_single']:.3f}; gathered vs 1 process: max rel "
+                     f"{rep['agreement']['max_rel']:.2e}, rms rel {rep['agreement']['rms_rel']:.2e}")
+    return "\n".join(lines)
