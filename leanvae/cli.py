@@ -179,7 +179,7 @@ def cmd_reconstruct(args):
     if handle is not None:
         handle.revert()
     print(f"{args.input}: {t} frames {h}x{w} -> {args.output}; PSNR {psnr(frames, out_frames):.2f} dB; "
-          f"encode+decode {seconds:.2f} s on {device} ({args.dtype}{', fused' if args.fused else ''}{', tiled' if args.tile else ''})")
+          f"encode+decode {seconds:.2f} s on {device} ({args.dtype}{', fused' if args.fused else ''}{', tiled' if args.tile else ''}{', parallel' if args.parallel else ''})")
     return 0
 
 

@@ -219,3 +219,40 @@ def test_cli_bench_parallel_under_torchrun(tmp_path):
     assert rep["world"] == 2 and [r["token_rows"] for r in rep["ranks"]] == [2, 1]
     assert rep["agreement"]["max_rel"] <= REL_BOUND
     assert "rank 1:" in proc.stdout
+
+
+def test_cli_reconstruct_parallel_matches_one_process(tmp_path):
+    """`reconstruct --parallel` on 2 ranks (5 token rows: bands of 3 and 2) writes the same PSNR line as
+    the single-process command (same decoded frames, up to the video codec's determinism)."""
+    pytest.importorskip("av", reason="PyAV (the [video] extra) is not installed")
+    import subprocess
+    import sys
+
+    import leanvae
+    from leanvae.video import write_video
+
+    import numpy as np
+
+    t, h, w = np.arange(9)[:, None, None, None], np.arange(40)[None, :, None, None], np.arange(16)[None, None, :, None]
+    clip = (127 + 100 * np.sin(0.3 * w + 0.2 * h + 0.5 * t + np.arange(3))).astype(np.uint8)
+    src = tmp_path / "in.mp4"
+    write_video(str(src), clip, fps=8)
+    ckpt = tmp_path / "c.ckpt"
+    torch.manual_seed(0)
+    leanvae.LeanVAE.from_config(l_dim=8, h_dim=8, embedding_dim=16, sep_num_layer=1, fusion_num_layer=1,
+                                ista_iter_num=1, ista_layer_num=1).save_checkpoint(str(ckpt))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    psnr = {}
+    for label, launcher in (("one", [sys.executable, "-m", "leanvae"]),
+                            ("par", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                     f"--master_port={_free_port()}", "-m", "leanvae"])):
+        extra = ["--parallel"] if label == "par" else []
+        proc = subprocess.run(launcher + ["reconstruct", str(src), str(tmp_path / f"{label}.mp4"), "--checkpoint",
+                                          str(ckpt)] + extra, capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT_S, cwd=root, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        lines = [ln for ln in proc.stdout.splitlines() if "PSNR" in ln]
+        assert len(lines) == 1, proc.stdout  # only rank 0 reports
+        psnr[label] = lines[0].split("PSNR ")[1].split(" dB")[0]
+    assert psnr["par"] == psnr["one"]
