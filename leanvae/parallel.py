@@ -24,9 +24,8 @@ PEG3D instance's `forward` is replaced by a band forward and restored afterwards
 
 Paths: `fused=False` (default) convolves with the model's own `ds_conv` (nn.Conv3d) on the band padded
 with the halo rows; `fused=True` calls `leanvae_kernels.causal_dwconv3d(..., halo_top=, halo_bottom=)`.
-Inference (`torch.no_grad`) is what is tested; gradients flow through the local computation but NOT
-through the halo exchange (the neighbour's contribution to a row's gradient is dropped): training is
-not supported.
+Inference only: with autograd on (grad mode and a band or parameter that requires grad) a call raises
+on every rank, because gradients would not flow back through the halo exchange (training unsupported).
 """
 import contextlib
 import os
@@ -251,7 +250,13 @@ def _run(model, band, group, fused, backend, what, fn, scale):
     if world == 1:
         return fn(band)  # a group of one: the plain path
     _check_device(band, group, what)
-    _agree(band, group, world, what, [int(bool(fused)), int(bool(model.tile_inference))], scale)
+    needs_grad = torch.is_grad_enabled() and (band.requires_grad or any(p.requires_grad for p in model.parameters()))
+    _agree(band, group, world, what, [int(bool(fused)), int(bool(model.tile_inference)), int(needs_grad)], scale)
+    if needs_grad:  # same decision on every rank (checked by _agree), so every rank raises
+        raise RuntimeError(
+            f"leanvae.parallel.{what}: gradients would be wrong (they do not flow back through the halo "
+            "exchange); run inference under torch.no_grad() or torch.inference_mode(): training is not supported"
+        )
     ctx = _Ctx(group, rank, world, fused, backend)
     with _band_pegs(model, ctx):
         return fn(band)

@@ -128,6 +128,8 @@ def _worker(rank, world, port, out_path):
             res["patched_model_refused"] = [_expect_error(lambda: lp.encode(patched, xb), TypeError, ["reference"]), 0.0]
         finally:
             handle.revert()
+    # Autograd on: refused on every rank (gradients would miss the halo), not silently wrong.
+    res["grad_mode_refused"] = [_expect_error(lambda: lp.encode(model, xb), RuntimeError, ["no_grad"]), 0.0]
     dist.barrier()
     if rank == 0:
         with open(out_path, "w") as f:
@@ -175,7 +177,7 @@ def test_parallel_matches_single_process(world, tmp_path_factory):
 def test_parallel_errors(world, tmp_path_factory):
     res = _launch(world, tmp_path_factory)
     for key in ("group_of_one_is_plain", "shape_mismatch_raises", "empty_band_raises", "empty_latent_band_raises",
-                "gloo_non_cpu_raises", "nccl_cpu_raises", "patched_model_refused"):
+                "gloo_non_cpu_raises", "nccl_cpu_raises", "patched_model_refused", "grad_mode_refused"):
         assert res[key][0], f"{world} ranks: {key}"
 
 
