@@ -244,14 +244,14 @@ def _agree(x, group, world, what, extra, scale):
         )
 
 
-def _run(model, band, group, fused, backend, what, fn, scale):
+def _run(model, band, group, fused, backend, what, fn, scale, flags=()):
     _check_model(model, what)
     rank, world = _group_info(group)
     if world == 1:
         return fn(band)  # a group of one: the plain path
     _check_device(band, group, what)
     needs_grad = torch.is_grad_enabled() and (band.requires_grad or any(p.requires_grad for p in model.parameters()))
-    _agree(band, group, world, what, [int(bool(fused)), int(bool(model.tile_inference)), int(needs_grad)], scale)
+    _agree(band, group, world, what, [int(bool(fused)), int(bool(model.tile_inference)), int(needs_grad), *flags], scale)
     if needs_grad:  # same decision on every rank (checked by _agree), so every rank raises
         raise RuntimeError(
             f"leanvae.parallel.{what}: gradients would be wrong (they do not flow back through the halo "
@@ -275,7 +275,8 @@ def decode(model, z_band, group=None, is_image=False, fused=False, backend=None)
     """Decode this rank's latent band z_band (B, d, T', rows, w) -> (B, 3, T, 8*rows, 8w). Collective."""
     if not isinstance(z_band, torch.Tensor):
         raise TypeError(f"leanvae.parallel.decode: z_band must be a torch.Tensor, got {type(z_band).__name__}")
-    return _run(model, z_band, group, fused, backend, "decode", lambda z: model.decode(z, is_image=is_image), 1)
+    return _run(model, z_band, group, fused, backend, "decode", lambda z: model.decode(z, is_image=is_image), 1,
+                (int(bool(is_image)),))
 
 
 # ------------------------------------------------------------------------------------- command line

@@ -88,6 +88,15 @@ def _worker(rank, world, port, out_path):
                 key = f"tile={tile},fused={fused}"
                 res[f"encode,{key}"] = [list(z.shape) == list(z_ref.shape), _rel(z, z_ref)]
                 res[f"decode,{key}"] = [list(xr.shape) == list(x_ref.shape), _rel(xr, x_ref)]
+        # An image (B, 3, H, W): one frame, decoded with is_image=True.
+        model.set_tile_inference(False)
+        img = x[:, :, 0]
+        zi_ref = model.encode(img)
+        xi_ref = model.decode(zi_ref, is_image=True)
+        zi = lp.gather_bands(lp.encode(model, lp.split_clip(img, rank, world)))
+        xi = lp.gather_bands(lp.decode(model, lp.split_clip(zi_ref, rank, world, latent=True), is_image=True))
+        res["encode,image"] = [list(zi.shape) == list(zi_ref.shape), _rel(zi, zi_ref)]
+        res["decode,image"] = [list(xi.shape) == list(xi_ref.shape), _rel(xi, xi_ref)]
         model.set_tile_inference(False)
 
         # The check has teeth: the same bands with zero halos (each rank alone) miss the bound.
@@ -164,7 +173,7 @@ def _launch(world, tmp_path_factory):
 def test_parallel_matches_single_process(world, tmp_path_factory):
     res = _launch(world, tmp_path_factory)
     exact = {k: v for k, v in res.items() if k.startswith(("encode", "decode"))}
-    assert len(exact) == 8
+    assert len(exact) == 10
     for key, (same_shape, rel) in exact.items():
         assert same_shape, key
         assert rel <= REL_BOUND, f"{world} ranks, {key}: max rel diff {rel:.3g} > {REL_BOUND}"
