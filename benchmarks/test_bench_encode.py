@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from harness import ON_GPU
+from harness import DRY_RUN, ON_GPU
 
 pytest.importorskip("av", reason="PyAV is not installed")
 pytest.importorskip("safetensors", reason="safetensors is not installed")
@@ -51,7 +51,8 @@ def workdir(tmp_path_factory):
 
 
 def _dataset(workdir, disabled, size):
-    frames, size, n = (5, 32, 2) if disabled else (17, size, N_VIDEOS)
+    # benchmarks disabled (a smoke test) or the GPU suite's CPU dry run (plumbing only): a tiny dataset
+    frames, size, n = (5, 32, 2) if disabled or DRY_RUN else (17, size, N_VIDEOS)
     key = (frames, size, n)
     if key not in workdir["videos"]:
         workdir["videos"][key] = _write_videos(str(workdir["root"] / f"videos_{frames}_{size}_{n}"), n, frames, size)
@@ -80,6 +81,8 @@ def test_encode_clips_per_s(benchmark, workdir, device, dtype, size, fused):
 
 
 @pytest.mark.skipif(ON_GPU, reason="rank scaling is measured on the CPU (gloo); on GPUs it is one GPU per rank")
+@pytest.mark.skipif(DRY_RUN, reason="two torchrun launches do not fit the dry run's per-file budget; "
+                                    "tests/test_encode.py runs torchrun")
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_encode_rank_scaling_cpu(benchmark, workdir, ranks):
     videos, frames = _dataset(workdir, benchmark.disabled, 256)
