@@ -84,3 +84,22 @@ def ptxas_usage(source, arch="90", defines=()):
     usage = parse_ptxas(proc.stderr + proc.stdout)
     names = _demangle(list(usage))
     return {names[k]: v for k, v in usage.items()}
+
+
+def build_host_emulation(tmp_dir, name, source, std="c++17", flags=()):
+    """Compile `source` (a CUDA file rewritten to run on the host, see tests/test_*_cuda_emulated.py) into a
+    shared library in tmp_dir and load it: (ctypes library, None), or (None, why) when no host C++ compiler
+    exists. A compile error raises, with the compiler's message."""
+    import ctypes
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None, "no host C++ compiler to emulate the CUDA kernels with"
+    cpp, so = os.path.join(tmp_dir, f"{name}.cpp"), os.path.join(tmp_dir, f"{name}.so")
+    with open(cpp, "w") as f:
+        f.write(source)
+    out = subprocess.run([cxx, f"-std={std}", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+                          *flags, f"-I{CSRC}", cpp, "-o", so], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"host compile of {name} failed:\n{out.stderr[-3000:]}")
+    return ctypes.CDLL(so), None

@@ -10,11 +10,10 @@ alignment faults, performance). Skipped without a host C++ compiler.
 import ctypes
 import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
+from cuda_tools import build_host_emulation
 from helpers import DTYPE_IDS
 
 import leanvae_kernels as lk
@@ -105,15 +104,9 @@ def _emulated_source():
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler to emulate the CUDA kernels with")
-    d = tmp_path_factory.mktemp("cuda_emu")
-    cpp, so = d / "haar_emu.cpp", d / "haar_emu.so"
-    cpp.write_text(_emulated_source())
-    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
-                    f"-I{CSRC}", str(cpp), "-o", str(so)], check=True, capture_output=True)
-    lib = ctypes.CDLL(str(so))
+    lib, why = build_host_emulation(str(tmp_path_factory.mktemp("cuda_emu")), "haar_emu", _emulated_source())
+    if lib is None:
+        pytest.skip(why)
     lib.emu_call.restype = ctypes.c_char_p
     return lib
 

@@ -14,11 +14,10 @@ that a real GPU would interleave differently. Skipped without a host C++20 compi
 import ctypes
 import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
+from cuda_tools import build_host_emulation
 from helpers import DTYPE_IDS, TOL
 
 from leanvae_kernels import _native
@@ -187,18 +186,15 @@ def _emulated_source():
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler to emulate the CUDA kernels with")
-    d = tmp_path_factory.mktemp("cuda_emu")
-    cpp, so = d / "ista_emu.cpp", d / "ista_emu.so"
-    cpp.write_text(_emulated_source())
-    out = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing",
-                          "-Wno-unknown-pragmas", f"-I{CSRC}", str(cpp), "-o", str(so)], capture_output=True, text=True)
-    if out.returncode != 0 and "barrier" in out.stderr and "No such file" in out.stderr:
-        pytest.skip("the host C++ compiler has no C++20 <barrier>")
-    assert out.returncode == 0, out.stderr[-3000:]
-    lib = ctypes.CDLL(str(so))
+    try:
+        lib, why = build_host_emulation(str(tmp_path_factory.mktemp("cuda_emu")), "ista_emu", _emulated_source(),
+                                        std="c++20", flags=("-pthread",))
+    except RuntimeError as exc:
+        if "barrier" in str(exc) and "No such file" in str(exc):
+            pytest.skip("the host C++ compiler has no C++20 <barrier>")
+        raise
+    if lib is None:
+        pytest.skip(why)
     lib.emu_call.restype = ctypes.c_char_p
     return lib
 
