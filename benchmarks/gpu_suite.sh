@@ -13,6 +13,8 @@
 #              fraction of the copy bandwidth measured in the same process), torch.compile providers excluded
 #   e2e        `python -m leanvae bench`: 17x1080x1920 bfloat16 and 17x256x256 (reference, fused, peak memory,
 #              error against float32)
+#   parallel   one clip split across the GPUs (leanvae.parallel over NCCL, torchrun, one rank per GPU): per-rank
+#              time and peak memory, agreement with one process; skipped (saying so) with fewer than 2 GPUs
 #   compile    the torch.compile variants (ops and end to end), optional: cold compiles are slow
 #   sanitizer  compute-sanitizer memcheck over the GPU op tests on small shapes, if time remains
 #   report     benchmarks/report.py over whatever the run produced
@@ -44,7 +46,7 @@ while [ $# -gt 0 ]; do
     *) stages+=("$1"); shift ;;
   esac
 done
-ALL_STAGES=(build gpu-tests bench e2e compile sanitizer report)
+ALL_STAGES=(build gpu-tests bench e2e parallel compile sanitizer report)
 [ ${#stages[@]} -eq 0 ] && stages=("${ALL_STAGES[@]}")
 for s in "${stages[@]}"; do
   case " ${ALL_STAGES[*]} " in *" $s "*) ;; *) echo "gpu_suite: unknown stage '$s' (expected: ${ALL_STAGES[*]})" >&2; exit 2 ;; esac
@@ -57,7 +59,7 @@ if [ "$DRY" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 LEANVAE_BENCH_ROUNDS=1 LEANVAE_BENCH_E2E_SIZE=5x16x16
   device=dryrun-cpu
   # stage: max seconds, min seconds worth starting
-  declare -A T_MAX=([build]=60 [gpu-tests]=90 [bench]=120 [e2e]=60 [compile]=60 [sanitizer]=10 [report]=30)
+  declare -A T_MAX=([build]=60 [gpu-tests]=90 [bench]=120 [e2e]=60 [parallel]=60 [compile]=60 [sanitizer]=10 [report]=30)
 else
   if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_suite: no CUDA device visible to torch (GPU_SUITE_DRY_RUN=1 runs the plumbing on a CPU)" >&2
@@ -65,9 +67,9 @@ else
   fi
   device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
   # Sized to issue 13: build < 2 min, correctness < 3, ops < 2, end to end < 3; compile and sanitizer last.
-  declare -A T_MAX=([build]=150 [gpu-tests]=180 [bench]=150 [e2e]=180 [compile]=120 [sanitizer]=120 [report]=30)
+  declare -A T_MAX=([build]=150 [gpu-tests]=180 [bench]=150 [e2e]=180 [parallel]=120 [compile]=120 [sanitizer]=120 [report]=30)
 fi
-declare -A T_MIN=([build]=20 [gpu-tests]=30 [bench]=30 [e2e]=30 [compile]=40 [sanitizer]=30 [report]=5)
+declare -A T_MIN=([build]=20 [gpu-tests]=30 [bench]=30 [e2e]=30 [parallel]=30 [compile]=40 [sanitizer]=30 [report]=5)
 PREFIX="$RESULTS_DIR/$(date -u +%Y-%m-%dT%H%M)-$device"
 SUMMARY="$PREFIX-summary.txt"
 START=$SECONDS
@@ -214,6 +216,24 @@ stage_e2e() {
       --json "$PREFIX-e2e-17x256x256-bfloat16.json" || rc=1
   fi
   return $rc
+}
+
+stage_parallel() {
+  # Exactness is a float32 claim (bands vs one process within 1e-6; the command exits 1 past 1e-5).
+  if [ "$DRY" = 1 ]; then
+    # The plumbing on the CPU: 2 gloo ranks, a tiny clip, the fused conv's CPU backend.
+    OMP_NUM_THREADS=1 $PY -m torch.distributed.run --standalone --nproc_per_node=2 -m leanvae bench --parallel \
+      --device cpu --backend cpu --frames 5 --size 32x32 --repeats 1 --warmup 0 --json "$PREFIX-parallel-2ranks.json"
+    return
+  fi
+  local n
+  n=$($PY -c "import torch; print(torch.cuda.device_count())")
+  if [ "$n" -lt 2 ]; then
+    echo "SKIPPED: patch-parallel over NCCL needs at least 2 GPUs; this machine has $n"
+    return 0
+  fi
+  $PY -m torch.distributed.run --standalone --nproc_per_node="$n" -m leanvae bench --parallel --backend cuda \
+    --dtype float32 --frames 17 --size 1080x1920 --repeats 3 --json "$PREFIX-parallel-${n}ranks.json"
 }
 
 stage_compile() {

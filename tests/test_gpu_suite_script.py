@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
-STAGES = ("build", "gpu-tests", "bench", "e2e", "compile", "sanitizer", "report")
+STAGES = ("build", "gpu-tests", "bench", "e2e", "parallel", "compile", "sanitizer", "report")
 
 
 def _env(results):
@@ -49,6 +49,8 @@ def test_dry_run_leaves_one_result_file_per_stage(tmp_path):
     e2e = json.load(open(_one(tmp_path, "*-e2e-5x16x16-bfloat16.json")))
     assert {"reference", "fused"} <= set(e2e["results"]) and "error_vs_float32" in e2e["results"]["fused"]
     assert json.load(open(_one(tmp_path, "*-compile-ops.json")))["benchmarks"]
+    par = json.load(open(_one(tmp_path, "*-parallel-2ranks.json")))  # 2 gloo ranks on the CPU
+    assert par["agreement"]["max_rel"] <= 1e-5
     report = open(_one(tmp_path, "*-report.md")).read()
     # The GPU figures this CPU run cannot produce are marked, not left out; the tiny clip's are there.
     assert "| 17x1080x1920 | bfloat16 | not measured |" in report
