@@ -86,6 +86,25 @@ def ptxas_usage(source, arch="90", defines=()):
     return {names[k]: v for k, v in usage.items()}
 
 
+# For the host emulations (tests/test_*_cuda_emulated.py): opens namespace leanvae::cuda with what
+# csrc/cuda/cuda_common.cuh gives the kernels there (dtype conversions, dispatch), mapped to the CPU types.
+# The including shim defines __half / __nv_bfloat16 first and closes both namespaces after its own additions.
+EMU_CUDA_NAMESPACE = r"""namespace leanvae {
+const char* dtype_name(int dtype) { static const char* n[] = {"float32", "float16", "bfloat16", "float64"}; return n[dtype & 3]; }
+namespace cuda {
+template <class T> inline float to_float(T v) { return leanvae::cpu::to_float(v); }
+template <class T> inline T from_float(float v) { return leanvae::cpu::from_float<T>(v); }
+template <class F> inline void dispatch_float(int dtype, const std::string& name, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat16: f(__half{}); break;
+    case kBFloat16: f(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument(name + ": the cuda backend does not support dtype " + dtype_name(dtype));
+  }
+}
+"""
+
+
 def build_host_emulation(tmp_dir, name, source, std="c++17", flags=()):
     """Compile `source` (a CUDA file rewritten to run on the host, see tests/test_*_cuda_emulated.py) into a
     shared library in tmp_dir and load it: (ctypes library, None), or (None, why) when no host C++ compiler

@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from cuda_tools import build_host_emulation
+from cuda_tools import EMU_CUDA_NAMESPACE, build_host_emulation
 from helpers import DTYPE_IDS
 
 import leanvae_kernels as lk
@@ -38,20 +38,7 @@ struct dim3 { unsigned x = 1, y = 1, z = 1; dim3() {} dim3(unsigned a, unsigned 
 static thread_local dim3 blockIdx, threadIdx, gridDim, blockDim;
 using __half = leanvae::cpu::Half;
 using __nv_bfloat16 = leanvae::cpu::BFloat16;
-namespace leanvae {
-const char* dtype_name(int dtype) { static const char* n[] = {"float32", "float16", "bfloat16", "float64"}; return n[dtype & 3]; }
-namespace cuda {
-template <class T> inline float to_float(T v) { return leanvae::cpu::to_float(v); }
-template <class T> inline T from_float(float v) { return leanvae::cpu::from_float<T>(v); }
-template <class F> inline void dispatch_float(int dtype, const std::string& name, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat16: f(__half{}); break;
-    case kBFloat16: f(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument(name + ": the cuda backend does not support dtype " + dtype_name(dtype));
-  }
-}
-inline void set_device(const KernelArgs&) {}
+""" + EMU_CUDA_NAMESPACE + r"""inline void set_device(const KernelArgs&) {}
 inline void* stream_of(const KernelArgs&) { return nullptr; }
 // Runs every thread of every block in turn.
 inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& body) {

@@ -17,7 +17,7 @@ import re
 
 import pytest
 import torch
-from cuda_tools import build_host_emulation
+from cuda_tools import EMU_CUDA_NAMESPACE, build_host_emulation
 from helpers import DTYPE_IDS, TOL
 
 from leanvae_kernels import _native
@@ -99,20 +99,7 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   return r;
 }
 
-namespace leanvae {
-const char* dtype_name(int dtype) { static const char* n[] = {"float32", "float16", "bfloat16", "float64"}; return n[dtype & 3]; }
-namespace cuda {
-template <class T> inline float to_float(T v) { return leanvae::cpu::to_float(v); }
-template <class T> inline T from_float(float v) { return leanvae::cpu::from_float<T>(v); }
-template <class F> inline void dispatch_float(int dtype, const std::string& name, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat16: f(__half{}); break;
-    case kBFloat16: f(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument(name + ": the cuda backend does not support dtype " + dtype_name(dtype));
-  }
-}
-struct DeviceScalar {
+""" + EMU_CUDA_NAMESPACE + r"""struct DeviceScalar {
   const void* ptr;
   int dtype;
   float get() const {
