@@ -118,18 +118,27 @@ def _check_halos(x, halo_top, halo_bottom, group_size):
         check_same_dtype(op, [("x", x), (name, halo)])
 
 
-def _extend_rows(x, cache, group_size, halo_top, halo_bottom):
-    """The taller frame the band belongs to: (x with a halo row above and below, its cache likewise);
-    an absent halo or cache is zeros."""
+def _extend_rows(x, cache, group_size, halo_top, halo_bottom, first=-1, last=None):
+    """Rows first..last (inclusive) of the taller frame the band belongs to, as (x rows, cache rows): row -1
+    is halo_top, row H is halo_bottom, rows 0..H-1 are the band's (default: all of them, -1..H). An absent
+    halo or cache is zeros. Only the rows asked for are copied."""
     b, t, h, w, c = x.shape
     p = _cache_frames(group_size)
-    zeros = x.new_zeros((b, p + t, w, c))
-    top = halo_top if halo_top is not None else zeros
-    bottom = halo_bottom if halo_bottom is not None else zeros
-    cache = cache if cache is not None else x.new_zeros((b, p, h, w, c))
-    xe = torch.cat([top[:, p:, None], x, bottom[:, p:, None]], dim=2)
-    ce = torch.cat([top[:, :p, None], cache, bottom[:, :p, None]], dim=2)
-    return xe, ce
+    last = h if last is None else last
+    xs, cs = [], []
+    if first < 0:
+        top = halo_top if halo_top is not None else x.new_zeros((b, p + t, w, c))
+        xs.append(top[:, p:, None])
+        cs.append(top[:, :p, None])
+    lo, hi = max(first, 0), min(last, h - 1) + 1
+    if lo < hi:
+        xs.append(x[:, :, lo:hi])
+        cs.append(cache[:, :, lo:hi] if cache is not None else x.new_zeros((b, p, hi - lo, w, c)))
+    if last >= h:
+        bottom = halo_bottom if halo_bottom is not None else x.new_zeros((b, p + t, w, c))
+        xs.append(bottom[:, p:, None])
+        cs.append(bottom[:, :p, None])
+    return torch.cat(xs, dim=2), torch.cat(cs, dim=2)
 
 
 def _with_halos(y, x, weight, bias, cache, residual, group_size, halo_top, halo_bottom, backend):
@@ -144,9 +153,9 @@ def _with_halos(y, x, weight, bias, cache, residual, group_size, halo_top, halo_
     rows = [0] if halo_top is not None else []
     if halo_bottom is not None and h - 1 not in rows:
         rows.append(h - 1)  # with H == 1 one slab (halo_top, x, halo_bottom) serves both halos
-    xe, ce = _extend_rows(x, cache, group_size, halo_top, halo_bottom)  # row r of x is row r+1 here
-    xs = torch.cat([xe[:, :, r : r + 3] for r in rows], dim=0)
-    cs = torch.cat([ce[:, :, r : r + 3] for r in rows], dim=0)
+    slabs = [_extend_rows(x, cache, group_size, halo_top, halo_bottom, r - 1, r + 1) for r in rows]
+    xs = torch.cat([xe for xe, _ in slabs], dim=0)
+    cs = torch.cat([ce for _, ce in slabs], dim=0)
     ys, _ = torch.ops.leanvae.causal_dwconv3d(xs, weight, bias, cs, residual, group_size, backend)
     b = x.shape[0]
     for i, r in enumerate(rows):
