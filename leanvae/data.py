@@ -98,13 +98,13 @@ def clip_starts(num_frames, frames, stride=None, max_clips=None):
     return starts[:max_clips] if max_clips else starts
 
 
-def load_clips(path, frames=17, stride=None, max_clips=None, whole=False, size=None, fps=None):
+def load_clips(path, frames=17, stride=None, max_clips=None, whole=False, size=None, fps=None, reader=None):
     """Decode `path` and cut it into clips. Returns (info, clips): info a dict (fps, source size, size,
     number of frames after resampling), clips a list of (first_frame, uint8 (T, H, W, 3)).
 
     Raises VideoError (a ValueError) for an unreadable video, one shorter than a clip, or (without
-    `size`) one whose height or width is not a multiple of 8."""
-    raw, src_fps = read_video(path)
+    `size`) one whose height or width is not a multiple of 8. `reader`: as `leanvae.video.read_video`."""
+    raw, src_fps = read_video(path, reader=reader)
     source_size = [int(raw.shape[1]), int(raw.shape[2])]
     raw, out_fps = resample_fps(raw, src_fps, fps)
     if size is not None:

@@ -125,6 +125,14 @@ def _prepare_dir(out, meta, overwrite, n_shards):
     elif os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
+        # DIRs written before the reader was recorded were decoded with PyAV, the only reader then
+        old.setdefault("options", {}).setdefault("video_reader", "pyav")
+        was, now = old["options"]["video_reader"], meta["options"]["video_reader"]
+        if was != now:
+            return (f"{out} holds latents of videos decoded with the {was!r} video reader, and this run would "
+                    f"decode with {now!r}: the two convert colours differently, so its latents would not match "
+                    f"the shards already there. Resume with the same reader (install it, or set "
+                    f"LEANVAE_VIDEO_READER={was}), or use a new --out DIR, or --overwrite to start over")
         for key in ("format_version", "checkpoint_sha256", "model_config", "options", "inputs_sha256"):
             if old.get(key) != meta.get(key):
                 what = {"checkpoint_sha256": "another checkpoint", "inputs_sha256": "another list of inputs",
@@ -213,17 +221,19 @@ def _write_shard(path, tensors, metadata):
 
 def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips_per_video=None, whole=False,
                    size=None, fps=None, dtype="float32", device=None, batch_size=1, fused=True, tile=False,
-                   videos_per_shard=16, workers=2, overwrite=False, quiet=False):
+                   videos_per_shard=16, workers=2, overwrite=False, quiet=False, reader=None):
     """Encode the videos in `inputs` (files, folders, manifests) to latents in `out` with `checkpoint`.
 
     Run by one process, or by each rank under torchrun. Bad inputs are skipped and listed in
     errors.jsonl (`summary["failures"]`; the CLI's --strict turns them into exit 1). Returns the summary
     dict (all ranks' totals) on every rank; raises ValueError for bad arguments and EncodeError for a run
-    that cannot go on.
+    that cannot go on. `reader`: the video reader ('auto', 'pyav', 'opencv'; default $LEANVAE_VIDEO_READER,
+    else auto: PyAV when installed, else OpenCV), recorded in meta.json: a DIR is only resumed with the same.
     """
     _need("safetensors")
     from . import __version__
     from .data import VideoClipDataset, list_videos
+    from .video import VideoError, video_reader
 
     # ---- arguments
     if not whole and (not isinstance(frames, int) or frames < 1 or frames % 4 != 1):
@@ -243,6 +253,10 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
         raise ValueError(f"videos_per_shard must be a positive int, got {videos_per_shard!r}")
     if not os.path.isfile(checkpoint):
         raise ValueError(f"checkpoint not found: {checkpoint}")
+    try:  # once, here: every video of the run (and every DataLoader worker) decodes with the same reader
+        reader = video_reader(reader)
+    except VideoError as exc:
+        raise EncodeError(f"cannot read videos: {exc}") from None
     videos = list_videos(inputs)
     if not videos:
         raise ValueError(f"no videos found in {list(inputs) if not isinstance(inputs, str) else inputs!r} "
@@ -267,7 +281,8 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     start_time = time.perf_counter()
     rank, world = dist.rank, dist.world
     options = {k: a[k] for k in ("frames", "stride", "max_clips_per_video", "whole", "size", "fps", "dtype",
-                                 "fused", "tile", "videos_per_shard")}
+                                 "fused", "tile", "videos_per_shard", "reader")}
+    options["video_reader"] = options.pop("reader")
     options["size"] = list(options["size"]) if options["size"] else None
     if options["whole"]:
         options["frames"] = options["stride"] = options["max_clips_per_video"] = None
@@ -306,7 +321,7 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     vps = a["videos_per_shard"]
     rounds = (n_shards + world - 1) // world
     clip_options = dict(frames=a["frames"], stride=a["stride"], max_clips=a["max_clips_per_video"],
-                        whole=a["whole"], size=a["size"], fps=a["fps"])
+                        whole=a["whole"], size=a["size"], fps=a["fps"], reader=a["reader"])
     bar = None
     if rank == 0 and not a["quiet"]:
         tqdm = _need("tqdm").tqdm
@@ -359,12 +374,27 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
             raise EncodeError(f"cannot write the index in {out}: {exc}") from exc
         summary = {"device_busy_fraction": busy, "videos": len(videos), "clips": len(index), "frames": sum(r["frames"] for r in index),
                    "failures": len(errors), "shards": n_shards, "resumed_shards": int(totals[4]),
-                   "ranks": world, "setup_s": setup_s, "wall_s": wall,
+                   "ranks": world, "setup_s": setup_s, "wall_s": wall, "reader": a["reader"], "workers": workers,
                    "clips_per_s": totals[1] / wall, "frames_per_s": totals[2] / wall}
     return dist.broadcast(summary)
 
 
-_ENCODE_SECONDS = [0.0]  # time spent in model calls on this rank (device busy), for the summary
+_ENCODE_SECONDS = [0.0]  # time spent in model calls on this rank (device busy), for the summary's
+# device_busy_fraction: decoding (in the DataLoader workers), input upload and shard writing are outside
+
+
+def _timed_call(dev, fn, *args):
+    """fn(*args), its time added to this rank's model-call seconds. On CUDA the device is synchronised
+    before and after, so the time is the device's work for this call (kernels are asynchronous: without
+    the second synchronisation only the launches would be counted), not the host's queueing of it."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    _ENCODE_SECONDS[0] += time.perf_counter() - t0
+    return out
 
 
 def _identity(item):
@@ -382,19 +412,18 @@ def _encode_shard(model, items, shard_videos, path, a, dev, tdtype):
             errors.append({"path": vpath, "video": vidx, "reason": err})
             continue
         zs = []
-        t0 = time.perf_counter()
         try:
             if a["whole"]:
-                zs.append(_encode_whole(model, clips[0][1], dev, tdtype))
+                zs.append(_timed_call(dev, _encode_whole, model, clips[0][1], dev, tdtype))
             else:
                 for b in range(0, len(clips), a["batch_size"]):
+                    x = _to_input([c for _, c in clips[b:b + a["batch_size"]]], dev, tdtype)
                     with torch.no_grad():
-                        zs.append(model.encode(_to_input([c for _, c in clips[b:b + a["batch_size"]]], dev, tdtype)))
+                        zs.append(_timed_call(dev, model.encode, x))
         except (ValueError, TypeError) as exc:  # the model refused these frames
             errors.append({"path": vpath, "video": vidx, "reason": f"{vpath}: {exc}"})
             continue
-        z = torch.cat(zs).cpu()  # waits for the device: the time below is the device's share of the run
-        _ENCODE_SECONDS[0] += time.perf_counter() - t0
+        z = torch.cat(zs).cpu()
         for c, ((first, frames), zc) in enumerate(zip(clips, z)):
             key = f"v{vidx:08d}_c{c:05d}"
             tensors[key] = zc.contiguous()
