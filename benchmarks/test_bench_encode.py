@@ -9,18 +9,23 @@ memory, DataLoader workers and, on a GPU, the untimed warm-up run's wall time (C
 heuristics, Triton compiles).
 
 With --benchmark-disable (the default addopts) or in the GPU suite's dry run, each case runs once on a
-tiny dataset (5x32x32) as a smoke test. LEANVAE_BENCH_ENCODE_VIDEOS sets the number of videos (default 4
-on CPU; on a GPU 48 at 256 and 24 at 512), LEANVAE_BENCH_ENCODE_WORKERS the DataLoader workers (default 2
-on CPU; on a GPU cpu_count - 4, at most 12).
+tiny dataset (5x32x32) as a smoke test. LEANVAE_BENCH_ENCODE_VIDEOS sets the number of videos, one clip
+each (default 4 on CPU; on a GPU 64 at 256 and 32 at 512), LEANVAE_BENCH_ENCODE_WORKERS the DataLoader
+workers (default 2 on CPU; on a GPU cpu_count - 4, at most 12: 12 on the 16-core H200 machine). In the GPU
+suite each case's figures are also appended, as it ends, to $PREFIX-encode-cases.jsonl, so a file cut
+off by its timeout still leaves the cases it finished.
 
-GPU time budget (gpu_suite.sh stage `bench`: T_MAX 150 s over 4 files, so about 37 s for this file), an
-estimate made without a GPU: per case a warm-up run on one video and one timed run; setup (checkpoint
-hash and load, model to the GPU) measured at about 0.5 s on the 2-core CPU here, so at most that there;
-writing the synthetic videos 1.0 s (256) and 1.3 s (512) measured here with either writer; model time
-bounded by launches rather than FLOPs (0.07 TFLOP per 17x256x256 encode, under 1 ms of an H200), a few
-hundred kernels at 10-20 us each: 5-15 ms a clip, so 48 + 24 clips take 1-2 s per provider; pytest and
-torch start 5-10 s. Sum: about 20-30 s. benchmarks/NOTES.md has the measured numbers once a GPU run
-exists; if it times out, lower LEANVAE_BENCH_ENCODE_VIDEOS.
+GPU time budget. gpu_suite.sh's stage `bench` has T_MAX 150 s split over 4 files: about 37 s for this one.
+Estimated without a GPU (none was lent to this task), from parts measured on the 2-core CPU here and
+counts: pytest, torch and CUDA start 5-10 s; checkpoint 0.3 s (build 0.25 s, save 0.06 s); writing the
+videos with OpenCV (the GPU image has no PyAV) 0.4 s for 64 at 256 and 1.1 s for 32 at 512 (base pattern
+included); each encode_dataset call's setup (checkpoint sha256 and loads, model to the device) 0.5-0.8 s,
+4 cases x 2 calls (warm-up, timed) = 4-6 s; warm-up model calls (cuDNN heuristics, Triton compiles, cached
+on disk after the gpu-tests stage) 1-4 s in all; timed clips: a reference encode is 249 aten ops and a
+fused one 165 (counted at 17x64x64), 116 GFLOP at 17x256x256 and 4x that at 512 (torch's FlopCounter),
+so 3-10 ms a clip at 256 and 6-25 ms at 512 on an H200 (launch-bound at 256), and 64 + 32 clips take at
+most 1.5 s per provider. Sum: 15-25 s, inside the 37 s with room; if it times out, lower
+LEANVAE_BENCH_ENCODE_VIDEOS (the cases already done are in the jsonl file).
 """
 import json
 import os
@@ -42,7 +47,7 @@ except (ImportError, ValueError) as exc:  # VideoError is a ValueError
     pytest.skip(f"no video reader: {exc}", allow_module_level=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_N_DEFAULT = {256: 48, 512: 24} if ON_GPU else {256: 4}
+_N_DEFAULT = {256: 64, 512: 32} if ON_GPU else {256: 4}
 N_VIDEOS = {size: int(os.environ.get("LEANVAE_BENCH_ENCODE_VIDEOS", n)) for size, n in _N_DEFAULT.items()}
 # decoding runs in the workers: on the 16-core GPU machine most cores decode, a few stay for the main
 # process (model launches, shard writes) and the pipes; 2 on the CPU, where the cores run the model
@@ -98,7 +103,8 @@ def test_encode_clips_per_s(benchmark, workdir, device, dtype, size, fused):
         # CUDA context, cuDNN heuristics and Triton compiles happen in the first model calls: a one-video run
         # first, reported apart (warmup_wall_s), so the timed run starts warm
         t0 = time.perf_counter()
-        encode_dataset([os.path.join(videos, sorted(os.listdir(videos))[0])], out + "_warmup", workdir["ckpt"], **run)
+        encode_dataset([os.path.join(videos, sorted(os.listdir(videos))[0])], out + "_warmup", workdir["ckpt"],
+                       **{**run, "workers": 0})
         warmup_s = time.perf_counter() - t0
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -119,6 +125,10 @@ def test_encode_clips_per_s(benchmark, workdir, device, dtype, size, fused):
         clips_per_s=s["clips_per_s"], frames_per_s=s["frames_per_s"], wall_s=s["wall_s"], setup_s=s["setup_s"],
         device_busy_fraction=s["device_busy_fraction"], warmup_wall_s=warmup_s,
         peak_device_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None)
+    if os.environ.get("STAGE_NAME") == "bench" and os.environ.get("PREFIX"):  # inside gpu_suite.sh
+        with open(os.environ["PREFIX"] + "-encode-cases.jsonl", "a") as f:
+            f.write(json.dumps({"case": f"{device}-{dtype}-{size}-{'fused' if fused else 'reference'}",
+                                **benchmark.extra_info}) + "\n")
     print(f"\nencode {benchmark.extra_info['shape']} {dtype} {benchmark.extra_info['provider']}: "
           f"{s['clips_per_s']:.2f} clips/s, {s['frames_per_s']:.1f} frames/s, busy {s['device_busy_fraction']:.2f}, "
           f"reader {s['reader']}, {s['workers']} workers" + (f", warm-up {warmup_s:.1f} s" if warmup_s else ""))
