@@ -131,10 +131,11 @@ def load_clips(path, frames=17, stride=None, max_clips=None, whole=False, size=N
 class VideoClipDataset(torch.utils.data.Dataset):
     """Map-style dataset over videos: item i is (i, path, info, clips, error) for `videos[i]`, clips a list
     of (first_frame, uint8 tensor (T, H, W, 3)); a bad video gives error (its reason) and no clips instead of
-    raising, so a DataLoader worker never dies on it."""
+    raising, so a DataLoader worker never dies on it. `tensors=False` gives the clips as numpy arrays."""
 
-    def __init__(self, videos, **clip_options):
+    def __init__(self, videos, tensors=True, **clip_options):
         self.videos = list(videos)
+        self.tensors = tensors
         self.clip_options = clip_options
 
     def __len__(self):
@@ -146,7 +147,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
             info, clips = load_clips(path, **self.clip_options)
             # as tensors: a DataLoader worker hands those over in shared memory, where numpy arrays would be
             # pickled through a pipe (a 17x512x512 clip: about 4x the main process's time per item here)
-            clips = [(s, torch.from_numpy(np.ascontiguousarray(c))) for s, c in clips]
+            if self.tensors:
+                clips = [(s, torch.from_numpy(np.ascontiguousarray(c))) for s, c in clips]
             return i, path, info, clips, None
         except (ValueError, OSError) as exc:  # VideoError is a ValueError
             return i, path, None, [], str(exc)

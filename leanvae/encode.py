@@ -332,9 +332,12 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     # one DataLoader over the videos of all this rank's incomplete shards, in order: its workers decode
     # ahead across shard boundaries, so the device does not wait for frames at the start of each shard
     todo = [k for k in range(rank, n_shards, world) if not os.path.exists(os.path.join(out, shard_name(k)))]
+    workers = min(a["workers"], len(todo) * vps)
+    # tensors cross from the workers through shared memory (/dev/shm); where it is small (containers often
+    # give 64 MB) they would fail there, so numpy arrays, pickled through the pipe, are sent instead
     ds = VideoClipDataset([videos[i] for k in todo for i in range(k * vps, min((k + 1) * vps, len(videos)))],
-                          **clip_options)
-    workers = min(a["workers"], len(ds))
+                          tensors=workers > 0 and _shm_room(workers * 4 * _clip_bytes(clip_options)), **clip_options)
+    workers = min(workers, len(ds))
     items = iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                              collate_fn=_identity, prefetch_factor=4 if workers else None))
     for r in range(rounds):
@@ -396,6 +399,22 @@ def _timed_call(dev, fn, *args):
         torch.cuda.synchronize(dev)
     _ENCODE_SECONDS[0] += time.perf_counter() - t0
     return out
+
+
+def _clip_bytes(clip_options):
+    """A guess at one item's bytes: one clip at the size asked for, else at 1080p (whole: 65 frames)."""
+    h, w = clip_options["size"] or (1080, 1920)
+    return (65 if clip_options["whole"] else clip_options["frames"]) * h * w * 3
+
+
+def _shm_room(nbytes):
+    """Whether /dev/shm has room for `nbytes` (the items in flight) with a margin."""
+    import shutil
+
+    try:
+        return shutil.disk_usage("/dev/shm").free >= 2 * nbytes + (256 << 20)
+    except OSError:
+        return False
 
 
 def _identity(item):

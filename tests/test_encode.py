@@ -227,6 +227,24 @@ def test_reader_is_recorded_and_a_dir_resumes_only_with_the_same_reader(dataset,
     assert summary["resumed_shards"] == 3 and summary["reader"] == "pyav"
 
 
+def test_small_shared_memory_sends_numpy_arrays_with_the_same_result(dataset, single, tmp_path, monkeypatch):
+    # where /dev/shm is small, clips leave the DataLoader workers pickled instead of in shared memory
+    seen = []
+    real = enc._shm_room
+    monkeypatch.setattr(enc, "_shm_room", lambda nbytes: seen.append(real(nbytes)) or False)
+    out = str(tmp_path / "out")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the `single` run
+    try:
+        enc.encode_dataset([dataset["videos"]], out, dataset["ckpt"], **OPTS)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 1  # asked once, for the one DataLoader of the run
+    assert _files(out) == _files(single[0])
+    for name in _files(out):
+        assert _read(out, name) == _read(single[0], name), name
+
+
 def test_opencv_reader_encodes_the_same_dataset(dataset, single, tmp_path):
     pytest.importorskip("cv2", reason="OpenCV is not installed")
     out = str(tmp_path / "out")
