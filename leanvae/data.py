@@ -98,13 +98,13 @@ def clip_starts(num_frames, frames, stride=None, max_clips=None):
     return starts[:max_clips] if max_clips else starts
 
 
-def load_clips(path, frames=17, stride=None, max_clips=None, whole=False, size=None, fps=None):
+def load_clips(path, frames=17, stride=None, max_clips=None, whole=False, size=None, fps=None, reader=None):
     """Decode `path` and cut it into clips. Returns (info, clips): info a dict (fps, source size, size,
     number of frames after resampling), clips a list of (first_frame, uint8 (T, H, W, 3)).
 
     Raises VideoError (a ValueError) for an unreadable video, one shorter than a clip, or (without
-    `size`) one whose height or width is not a multiple of 8."""
-    raw, src_fps = read_video(path)
+    `size`) one whose height or width is not a multiple of 8. `reader`: as `leanvae.video.read_video`."""
+    raw, src_fps = read_video(path, reader=reader)
     source_size = [int(raw.shape[1]), int(raw.shape[2])]
     raw, out_fps = resample_fps(raw, src_fps, fps)
     if size is not None:
@@ -129,11 +129,13 @@ def load_clips(path, frames=17, stride=None, max_clips=None, whole=False, size=N
 
 
 class VideoClipDataset(torch.utils.data.Dataset):
-    """Map-style dataset over videos: item i is (i, path, info, clips, error) for `videos[i]`; a bad video
-    gives error (its reason) and no clips instead of raising, so a DataLoader worker never dies on it."""
+    """Map-style dataset over videos: item i is (i, path, info, clips, error) for `videos[i]`, clips a list
+    of (first_frame, uint8 tensor (T, H, W, 3)); a bad video gives error (its reason) and no clips instead of
+    raising, so a DataLoader worker never dies on it. `tensors=False` gives the clips as numpy arrays."""
 
-    def __init__(self, videos, **clip_options):
+    def __init__(self, videos, tensors=True, **clip_options):
         self.videos = list(videos)
+        self.tensors = tensors
         self.clip_options = clip_options
 
     def __len__(self):
@@ -143,6 +145,10 @@ class VideoClipDataset(torch.utils.data.Dataset):
         path = self.videos[i]
         try:
             info, clips = load_clips(path, **self.clip_options)
+            # as tensors: a DataLoader worker hands those over in shared memory, where numpy arrays would be
+            # pickled through a pipe (a 17x512x512 clip: about 4x the main process's time per item here)
+            if self.tensors:
+                clips = [(s, torch.from_numpy(np.ascontiguousarray(c))) for s, c in clips]
             return i, path, info, clips, None
         except (ValueError, OSError) as exc:  # VideoError is a ValueError
             return i, path, None, [], str(exc)

@@ -125,6 +125,14 @@ def _prepare_dir(out, meta, overwrite, n_shards):
     elif os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
+        # DIRs written before the reader was recorded were decoded with PyAV, the only reader then
+        old.setdefault("options", {}).setdefault("video_reader", "pyav")
+        was, now = old["options"]["video_reader"], meta["options"]["video_reader"]
+        if was != now:
+            return (f"{out} holds latents of videos decoded with the {was!r} video reader, and this run would "
+                    f"decode with {now!r}: the two convert colours differently, so its latents would not match "
+                    f"the shards already there. Resume with the same reader (install it, or set "
+                    f"LEANVAE_VIDEO_READER={was}), or use a new --out DIR, or --overwrite to start over")
         for key in ("format_version", "checkpoint_sha256", "model_config", "options", "inputs_sha256"):
             if old.get(key) != meta.get(key):
                 what = {"checkpoint_sha256": "another checkpoint", "inputs_sha256": "another list of inputs",
@@ -160,7 +168,8 @@ def _load_model(checkpoint, device, dtype, fused, tile_or_whole):
 
 def _to_input(clips, device, dtype):
     """uint8 [(T, H, W, 3)] -> (B, 3, T, H, W) in [-0.5, 0.5], as `leanvae.video.to_model_input`."""
-    x = torch.stack([torch.as_tensor(c) for c in clips]).to(device)
+    # uint8 to the device first (a quarter of float32's bytes), stacked there: no host-side copy of the batch
+    x = torch.stack([torch.as_tensor(c).to(device) for c in clips])
     x = x.permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5
     return x.to(dtype)
 
@@ -213,17 +222,19 @@ def _write_shard(path, tensors, metadata):
 
 def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips_per_video=None, whole=False,
                    size=None, fps=None, dtype="float32", device=None, batch_size=1, fused=True, tile=False,
-                   videos_per_shard=16, workers=2, overwrite=False, quiet=False):
+                   videos_per_shard=16, workers=2, overwrite=False, quiet=False, reader=None):
     """Encode the videos in `inputs` (files, folders, manifests) to latents in `out` with `checkpoint`.
 
     Run by one process, or by each rank under torchrun. Bad inputs are skipped and listed in
     errors.jsonl (`summary["failures"]`; the CLI's --strict turns them into exit 1). Returns the summary
     dict (all ranks' totals) on every rank; raises ValueError for bad arguments and EncodeError for a run
-    that cannot go on.
+    that cannot go on. `reader`: the video reader ('auto', 'pyav', 'opencv'; default $LEANVAE_VIDEO_READER,
+    else auto: PyAV when installed, else OpenCV), recorded in meta.json: a DIR is only resumed with the same.
     """
     _need("safetensors")
     from . import __version__
     from .data import VideoClipDataset, list_videos
+    from .video import VideoError, video_reader
 
     # ---- arguments
     if not whole and (not isinstance(frames, int) or frames < 1 or frames % 4 != 1):
@@ -243,6 +254,10 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
         raise ValueError(f"videos_per_shard must be a positive int, got {videos_per_shard!r}")
     if not os.path.isfile(checkpoint):
         raise ValueError(f"checkpoint not found: {checkpoint}")
+    try:  # once, here: every video of the run (and every DataLoader worker) decodes with the same reader
+        reader = video_reader(reader)
+    except VideoError as exc:
+        raise EncodeError(f"cannot read videos: {exc}") from None
     videos = list_videos(inputs)
     if not videos:
         raise ValueError(f"no videos found in {list(inputs) if not isinstance(inputs, str) else inputs!r} "
@@ -267,7 +282,8 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     start_time = time.perf_counter()
     rank, world = dist.rank, dist.world
     options = {k: a[k] for k in ("frames", "stride", "max_clips_per_video", "whole", "size", "fps", "dtype",
-                                 "fused", "tile", "videos_per_shard")}
+                                 "fused", "tile", "videos_per_shard", "reader")}
+    options["video_reader"] = options.pop("reader")
     options["size"] = list(options["size"]) if options["size"] else None
     if options["whole"]:
         options["frames"] = options["stride"] = options["max_clips_per_video"] = None
@@ -306,7 +322,7 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     vps = a["videos_per_shard"]
     rounds = (n_shards + world - 1) // world
     clip_options = dict(frames=a["frames"], stride=a["stride"], max_clips=a["max_clips_per_video"],
-                        whole=a["whole"], size=a["size"], fps=a["fps"])
+                        whole=a["whole"], size=a["size"], fps=a["fps"], reader=a["reader"])
     bar = None
     if rank == 0 and not a["quiet"]:
         tqdm = _need("tqdm").tqdm
@@ -316,9 +332,12 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     # one DataLoader over the videos of all this rank's incomplete shards, in order: its workers decode
     # ahead across shard boundaries, so the device does not wait for frames at the start of each shard
     todo = [k for k in range(rank, n_shards, world) if not os.path.exists(os.path.join(out, shard_name(k)))]
+    workers = min(a["workers"], len(todo) * vps)
+    # tensors cross from the workers through shared memory (/dev/shm); where it is small (containers often
+    # give 64 MB) they would fail there, so numpy arrays, pickled through the pipe, are sent instead
     ds = VideoClipDataset([videos[i] for k in todo for i in range(k * vps, min((k + 1) * vps, len(videos)))],
-                          **clip_options)
-    workers = min(a["workers"], len(ds))
+                          tensors=workers > 0 and _shm_room(workers * 4 * _clip_bytes(clip_options)), **clip_options)
+    workers = min(workers, len(ds))
     items = iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                              collate_fn=_identity, prefetch_factor=4 if workers else None))
     for r in range(rounds):
@@ -359,12 +378,43 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
             raise EncodeError(f"cannot write the index in {out}: {exc}") from exc
         summary = {"device_busy_fraction": busy, "videos": len(videos), "clips": len(index), "frames": sum(r["frames"] for r in index),
                    "failures": len(errors), "shards": n_shards, "resumed_shards": int(totals[4]),
-                   "ranks": world, "setup_s": setup_s, "wall_s": wall,
+                   "ranks": world, "setup_s": setup_s, "wall_s": wall, "reader": a["reader"], "workers": workers,
                    "clips_per_s": totals[1] / wall, "frames_per_s": totals[2] / wall}
     return dist.broadcast(summary)
 
 
-_ENCODE_SECONDS = [0.0]  # time spent in model calls on this rank (device busy), for the summary
+_ENCODE_SECONDS = [0.0]  # time spent in model calls on this rank (device busy), for the summary's
+# device_busy_fraction: decoding (in the DataLoader workers), input upload and shard writing are outside
+
+
+def _timed_call(dev, fn, *args):
+    """fn(*args), its time added to this rank's model-call seconds. On CUDA the device is synchronised
+    before and after, so the time is the device's work for this call (kernels are asynchronous: without
+    the second synchronisation only the launches would be counted), not the host's queueing of it."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    _ENCODE_SECONDS[0] += time.perf_counter() - t0
+    return out
+
+
+def _clip_bytes(clip_options):
+    """A guess at one item's bytes: one clip at the size asked for, else at 1080p (whole: 65 frames)."""
+    h, w = clip_options["size"] or (1080, 1920)
+    return (65 if clip_options["whole"] else clip_options["frames"]) * h * w * 3
+
+
+def _shm_room(nbytes):
+    """Whether /dev/shm has room for `nbytes` (the items in flight) with a margin."""
+    import shutil
+
+    try:
+        return shutil.disk_usage("/dev/shm").free >= 2 * nbytes + (256 << 20)
+    except OSError:
+        return False
 
 
 def _identity(item):
@@ -382,19 +432,18 @@ def _encode_shard(model, items, shard_videos, path, a, dev, tdtype):
             errors.append({"path": vpath, "video": vidx, "reason": err})
             continue
         zs = []
-        t0 = time.perf_counter()
         try:
             if a["whole"]:
-                zs.append(_encode_whole(model, clips[0][1], dev, tdtype))
+                zs.append(_timed_call(dev, _encode_whole, model, clips[0][1], dev, tdtype))
             else:
                 for b in range(0, len(clips), a["batch_size"]):
+                    x = _to_input([c for _, c in clips[b:b + a["batch_size"]]], dev, tdtype)
                     with torch.no_grad():
-                        zs.append(model.encode(_to_input([c for _, c in clips[b:b + a["batch_size"]]], dev, tdtype)))
+                        zs.append(_timed_call(dev, model.encode, x))
         except (ValueError, TypeError) as exc:  # the model refused these frames
             errors.append({"path": vpath, "video": vidx, "reason": f"{vpath}: {exc}"})
             continue
-        z = torch.cat(zs).cpu()  # waits for the device: the time below is the device's share of the run
-        _ENCODE_SECONDS[0] += time.perf_counter() - t0
+        z = torch.cat(zs).cpu()
         for c, ((first, frames), zc) in enumerate(zip(clips, z)):
             key = f"v{vidx:08d}_c{c:05d}"
             tensors[key] = zc.contiguous()

@@ -203,6 +203,71 @@ def test_rerun_with_other_options_or_checkpoint_refuses(dataset, single, tmp_pat
     assert _files(out) == ["errors.jsonl", "index.jsonl", "shard-00000.safetensors"]
 
 
+def test_reader_is_recorded_and_a_dir_resumes_only_with_the_same_reader(dataset, single, tmp_path, monkeypatch):
+    pytest.importorskip("cv2", reason="OpenCV is not installed (the second reader)")
+    monkeypatch.delenv("LEANVAE_VIDEO_READER", raising=False)
+    out = str(tmp_path / "out")
+    shutil.copytree(single[0], out)
+    meta = json.loads(_read(out, "meta.json"))
+    assert meta["options"]["video_reader"] == "pyav" and single[1]["reader"] == "pyav"
+    # PyAV and OpenCV convert colours each their own way: resuming with the other would mix latents
+    monkeypatch.setenv("LEANVAE_VIDEO_READER", "opencv")
+    with pytest.raises(enc.EncodeError, match="decoded with the 'pyav' video reader.*would decode with 'opencv'.*"
+                                              "LEANVAE_VIDEO_READER=pyav"):
+        enc.encode_dataset([dataset["videos"]], out, dataset["ckpt"], **OPTS)
+    assert _files(out) == _files(single[0])  # refused before touching anything
+    # a DIR from before the reader was recorded was read with PyAV: it resumes with PyAV, and only with it
+    del meta["options"]["video_reader"]
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(enc.EncodeError, match="'pyav' video reader"):
+        enc.encode_dataset([dataset["videos"]], out, dataset["ckpt"], **OPTS)
+    monkeypatch.delenv("LEANVAE_VIDEO_READER")
+    summary = enc.encode_dataset([dataset["videos"]], out, dataset["ckpt"], **OPTS)
+    assert summary["resumed_shards"] == 3 and summary["reader"] == "pyav"
+
+
+def test_small_shared_memory_sends_numpy_arrays_with_the_same_result(dataset, single, tmp_path, monkeypatch):
+    # where /dev/shm is small, clips leave the DataLoader workers pickled instead of in shared memory
+    seen = []
+    real = enc._shm_room
+    monkeypatch.setattr(enc, "_shm_room", lambda nbytes: seen.append(real(nbytes)) or False)
+    out = str(tmp_path / "out")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the `single` run
+    try:
+        enc.encode_dataset([dataset["videos"]], out, dataset["ckpt"], **OPTS)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 1  # asked once, for the one DataLoader of the run
+    assert _files(out) == _files(single[0])
+    for name in _files(out):
+        assert _read(out, name) == _read(single[0], name), name
+
+
+def test_opencv_reader_encodes_the_same_dataset(dataset, single, tmp_path):
+    pytest.importorskip("cv2", reason="OpenCV is not installed")
+    out = str(tmp_path / "out")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the `single` run
+    try:
+        summary = enc.encode_dataset([dataset["videos"]], out, dataset["ckpt"], reader="opencv", **OPTS)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["reader"] == "opencv" and json.loads(_read(out, "meta.json"))["options"]["video_reader"] == "opencv"
+    assert {e["path"] for e in _errors(out)} == dataset["bad"]  # the same inputs refused through cv2
+    # same clips; latents of frames decoded by another library: close (the readers' frames agree within
+    # 40 dB PSNR, tests/test_video_readers.py), and equal where their frames are equal, as with this FFmpeg
+    index, ref = _index(out), _index(single[0])
+    assert [(r["path"], r["first_frame"], r["latent_shape"]) for r in index] == [
+        (r["path"], r["first_frame"], r["latent_shape"]) for r in ref]
+    for r, q in zip(index, ref):
+        frames_cv = read_video(r["path"], reader="opencv")[0]
+        frames_av = read_video(r["path"], reader="pyav")[0]
+        if np.array_equal(frames_cv, frames_av):
+            assert torch.equal(enc.load_latent(out, r), enc.load_latent(single[0], q)), r["key"]
+
+
 def test_disk_error_stops_cleanly_and_marks_nothing_complete(dataset, tmp_path, monkeypatch, capsys):
     import safetensors.torch
 
