@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .._triton import interpreting
+from ..ops._common import sm_count
 
 
 @triton.jit
@@ -450,8 +451,6 @@ def causal_dwconv3d_bwd_input(grad_y, grad_cache, wflip27, has_cache, residual, 
 WGRAD_BLOCK_W = 8
 WGRAD_BLOCK_C = 32
 WGRAD_PROGRAMS_PER_SM = 8
-# The interpreter (CPU) has no SMs; its cost is per operation, so few large programs are cheapest.
-INTERPRETER_SMS = 1
 
 
 def wgrad_plan(b, t, h, w, c, sms, block_w=WGRAD_BLOCK_W, block_c=WGRAD_BLOCK_C):
@@ -475,12 +474,6 @@ def sum_plan(nblk, m, sms):
     return block_k, block, triton.cdiv(m, block), triton.cdiv(nblk, block_k)
 
 
-def _sm_count(device):
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size, sms=None):
     """(grad weight (27, C), grad bias (C,)) in float32, from fixed partial blocks summed in block order.
     sms: the SM count the partials are sized for (default: the device's)."""
@@ -489,7 +482,7 @@ def causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size, sms=None):
         block_w, block_c = triton.next_power_of_2(w), triton.next_power_of_2(c)
     else:
         block_w, block_c = WGRAD_BLOCK_W, min(WGRAD_BLOCK_C, triton.next_power_of_2(c))
-    sms = sms or _sm_count(x.device)
+    sms = sms or sm_count(x.device)
     tiles, per, nblk, cblocks = wgrad_plan(b, t, h, w, c, sms, block_w, block_c)
     if tiles >= 2**31:
         raise ValueError(f"causal_dwconv3d (triton): grad weight supports B*T*H*ceil(W/{block_w}) < 2^31 tiles, "
