@@ -458,17 +458,16 @@ def test_triton_kernels_compile_for_sm90_without_spills(tmp_path):
     names = [line[0] for line in lines]
     assert names == ["_causal_dwconv3d_kernel", "_causal_dwconv3d_kernel", "_causal_dwconv3d_wgrad_kernel",
                      "_sum_partials_kernel"] * 3, out.stdout
-    regs = {(n // 4, name if n % 4 != 1 else "grad_input"): int(r) for n, (name, r, _) in enumerate(lines)}
     for name, r, stack in lines:
         assert int(r) <= 255 and int(stack) == 0, f"{name}: {r} registers, {stack} bytes of stack"
-    # Forward and grad input hold their 27 taps from before the frame walk (95-128 registers with Triton 3.9):
-    # at <= 128 registers four 128-thread programs fit an SM's 64K registers (two at 219-231, before).
-    # The causal weight grad holds 28 accumulator tiles (2 values per thread each) and reads grad_y once
-    # for all 27 taps: 124-128 registers with Triton 3.9 (group mode, not the model's: 136); before, one
-    # program per temporal tap with ten cross-warp sums per 16 positions needed 64-80.
-    for (config, name), r in regs.items():
-        if config < 2 or name != "_causal_dwconv3d_wgrad_kernel":
-            assert r <= 128, f"config {config} {name}: {r} registers"
+    # The launchers cap the conv kernels at 128 registers (four 128-thread programs per SM); the cap must
+    # not cost a spill (the check above). Forward and grad input hold their 27 taps from before the frame
+    # walk: 95-121 registers with Triton 3.9, 96-128 with 3.6 (uncapped, 3.6 gave the grad input 134). The
+    # weight grad holds 28 accumulator tiles (2 values per thread each) and reads grad_y once for all 27
+    # taps: 100-128 (3.9 uncapped: 124-136); before, one program per temporal tap with ten cross-warp
+    # sums per 16 positions, 64-80.
+    for n, (name, r, _) in enumerate(lines):
+        assert int(r) <= 128, f"launch {n} {name}: {r} registers"
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

@@ -392,12 +392,19 @@ def _sum_partials_kernel(part_ptr, out_ptr, NBLK, M, TRIPS, BLOCK_K: tl.constexp
     tl.store(out_ptr + offs, tl.sum(acc, axis=0), mask=mask)
 
 
+# Launch options of the conv kernels: 4 warps, registers capped at 128 so that four 128-thread programs fit
+# an SM's 64K registers whatever Triton version compiles them (uncapped, Triton 3.6 gave the grad input 134
+# and Triton 3.9 the group-mode weight grad 136; capped, neither spills: the sm_90 compile test checks).
+_LAUNCH = dict(num_warps=4, maxnreg=128)
+
+
 def _blocks(w, c):
     """(BLOCK_W, BLOCK_C). The interpreter's cost is per operation, not per element: whole rows there.
-    On GPUs 8 x 32 with 4 warps. Compiled for sm_90 as launched at (1, 5, 135, 240, 512) bf16 (Triton 3.9;
-    tests/test_causal_conv.py, test_triton_kernels_compile_for_sm90_without_spills) the forward needs 95-99
-    registers and the grad input 120-128, without spilling (219-231 before the taps were hoisted out of the
-    frame walk). An earlier, generically specialised compile found 16 x 64 at 244 registers, spilling."""
+    On GPUs 8 x 32 with 4 warps. Compiled for sm_90 as launched at (1, 5, 135, 240, 512) bf16
+    (tests/test_causal_conv.py, test_triton_kernels_compile_for_sm90_without_spills) the forward needs
+    95-99 registers and the grad input 114-123 under the 128 cap (Triton 3.9 / 3.6), without spilling
+    (219-231 before the taps were hoisted out of the frame walk). An earlier, generically specialised
+    compile found 16 x 64 at 244 registers, spilling."""
     if interpreting():
         return triton.next_power_of_2(w), triton.next_power_of_2(c)
     return 8, min(32, triton.next_power_of_2(c))
@@ -418,7 +425,7 @@ def causal_dwconv3d_fwd(x, cache, w27, bias, residual, group_size):
         t, h, w, c, max(group_size, 1),
         *x.stride(), *aux.stride(), *y.stride()[:4], *new_cache.stride()[:4],
         BWD=False, GROUP=group_size > 0, HAS_AUX=cache is not None, HAS_BIAS=bias is not None, RESIDUAL=residual,
-        HAS_OCACHE=True, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), num_warps=4,
+        HAS_OCACHE=True, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), **_LAUNCH,
     )
     return y, new_cache
 
@@ -437,7 +444,7 @@ def causal_dwconv3d_bwd_input(grad_y, grad_cache, wflip27, has_cache, residual, 
         t, h, w, c, max(group_size, 1),
         *grad_y.stride(), *grad_cache.stride(), *gx.stride()[:4], *gc.stride()[:4],
         BWD=True, GROUP=group_size > 0, HAS_AUX=True, HAS_BIAS=False, RESIDUAL=residual,
-        HAS_OCACHE=has_cache, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), num_warps=4,
+        HAS_OCACHE=has_cache, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), **_LAUNCH,
     )
     return gx, (gc if has_cache else None)
 
@@ -494,7 +501,7 @@ def causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size, sms=None):
         t, h, w, c, max(group_size, 1), tiles, per,
         *x.stride(), *aux.stride(), *grad_y.stride(),
         GROUP=group_size > 0, HAS_CACHE=cache is not None, BLOCK_W=block_w, BLOCK_C=block_c,
-        INTERPRET=interpreting(), num_warps=4,
+        INTERPRET=interpreting(), **_LAUNCH,
     )
     out = torch.empty((28, c), dtype=torch.float32, device=x.device)
     m = 28 * c
