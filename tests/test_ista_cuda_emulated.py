@@ -301,9 +301,10 @@ def test_backward_grid_fills_the_gpu():
     # Issue 13: at 20,000 rows the backward launched 79 blocks (one per 256-row partial) for the 132 SMs
     # of an H100/H200. The partials are sized from the SM count: every SM gets work, at most
     # ISTA_PARTIALS_PER_SM blocks each, at that size and others.
-    blocks = -(-20000 // ops.ista_partial_rows(20000, H200_SMS))
+    rows = ops.ista_partial_rows(20000, H200_SMS)
+    blocks = -(-20000 // rows)
     assert H200_SMS <= blocks <= ops.ISTA_PARTIALS_PER_SM * H200_SMS
-    part_phi, _ = ops._partials(20000, 4, 16, torch.device("cpu"), torch.float32, ops.ista_partial_rows(20000, H200_SMS))
+    part_phi, _ = ops._partials(20000, 4, 16, torch.device("cpu"), torch.float32, rows)
     assert part_phi.shape[0] == blocks
 
 
