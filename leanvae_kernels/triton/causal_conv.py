@@ -491,7 +491,7 @@ def causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size, sms=None):
         block_w, block_c = WGRAD_BLOCK_W, min(WGRAD_BLOCK_C, triton.next_power_of_2(c))
     sms = sms or sm_count(x.device)
     tiles, per, nblk, cblocks = wgrad_plan(b, t, h, w, c, sms, block_w, block_c)
-    if tiles >= 2**31:
+    if nblk * per >= 2**31:  # tile indices are int32 in the kernel, up to the last block's end
         raise ValueError(f"causal_dwconv3d (triton): grad weight supports B*T*H*ceil(W/{block_w}) < 2^31 tiles, "
                          f"got {tiles}")
     part = torch.empty((nblk, 28, c), dtype=torch.float32, device=x.device)
