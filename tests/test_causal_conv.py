@@ -417,11 +417,14 @@ from leanvae_kernels.triton import causal_conv as tc
 b, t, h, w, c = 1, 5, 135, 240, 512
 x = torch.empty((b, t, h, w, c), dtype=torch.bfloat16)
 cache = torch.empty((b, 2, h, w, c), dtype=torch.bfloat16)
+cache1 = torch.empty((b, 1, h, w, c), dtype=torch.bfloat16)
 w27, bias = torch.empty(27, c), torch.empty(c)
-for kw in (dict(cache=None, residual=False), dict(cache=cache, residual=True)):
-    tc.causal_dwconv3d_fwd(x, kw["cache"], w27, bias, kw["residual"], 0)
-    tc.causal_dwconv3d_bwd_input(x, cache, w27, kw["cache"] is not None, kw["residual"], 0)
-    tc.causal_dwconv3d_bwd_weight(x, x, kw["cache"], 0)
+# causal without and with a cache (and the residual); group-causal (IV-VAE's GCConv, groups of 4) with
+# its one-frame cache. The weight grad sizes its partials for an H100/H200's 132 SMs.
+for cch, gc, residual, group in ((None, cache, False, 0), (cache, cache, True, 0), (cache1, cache1, False, 4)):
+    tc.causal_dwconv3d_fwd(x, cch, w27, bias, residual, group)
+    tc.causal_dwconv3d_bwd_input(x, gc, w27, cch is not None, residual, group)
+    tc.causal_dwconv3d_bwd_weight(x, x, cch, group, sms=132)
 cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
 for n, (name, kernel) in enumerate(compiled):
     path = os.path.join(sys.argv[1], f"{n}_{name}.cubin")
@@ -451,16 +454,20 @@ def test_triton_kernels_compile_for_sm90_without_spills(tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line.split() for line in out.stdout.splitlines()]
-    # Two configurations x (forward, grad input, grad weight + its partial sums): every launch was compiled.
+    # Three configurations x (forward, grad input, grad weight + its partial sums): every launch was compiled.
     names = [line[0] for line in lines]
     assert names == ["_causal_dwconv3d_kernel", "_causal_dwconv3d_kernel", "_causal_dwconv3d_wgrad_kernel",
-                     "_sum_partials_kernel"] * 2, out.stdout
-    for name, regs, stack in lines:
-        assert int(regs) <= 255 and int(stack) == 0, f"{name}: {regs} registers, {stack} bytes of stack"
-    # Forward and grad input hold their 27 taps from before the frame walk (95-128 registers with Triton 3.9):
-    # at <= 128 registers four 128-thread programs fit an SM's 64K registers (two at 219-231, before).
-    for name, regs, _ in lines[:2] + lines[4:6]:
-        assert int(regs) <= 128, f"{name}: {regs} registers"
+                     "_sum_partials_kernel"] * 3, out.stdout
+    for name, r, stack in lines:
+        assert int(r) <= 255 and int(stack) == 0, f"{name}: {r} registers, {stack} bytes of stack"
+    # The launchers cap the conv kernels at 128 registers (four 128-thread programs per SM); the cap must
+    # not cost a spill (the check above). Forward and grad input hold their 27 taps from before the frame
+    # walk: 95-121 registers with Triton 3.9, 96-128 with 3.6 (uncapped, 3.6 gave the grad input 134). The
+    # weight grad holds 28 accumulator tiles (2 values per thread each) and reads grad_y once for all 27
+    # taps: 100-128 (3.9 uncapped: 124-136); before, one program per temporal tap with ten cross-warp
+    # sums per 16 positions, 64-80.
+    for n, (name, r, _) in enumerate(lines):
+        assert int(r) <= 128, f"launch {n} {name}: {r} registers"
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -480,3 +487,74 @@ def test_one_channel_with_bias_backward(backend, residual):
     for got, exp in zip(leaves, ref):
         assert_close(got.grad, exp.grad)
     assert leaves[1].grad.untyped_storage().data_ptr() != leaves[2].grad.untyped_storage().data_ptr()
+
+
+# --------------------------------------------------- Triton weight grad: launch plan and its independence
+WGRAD_CASES = [  # (B, T, H, W, C), group size, cache frames, dtype, strided layout of x / grad_y
+    pytest.param((1, 4, 3, 5, 20), 0, 2, torch.float32, "last", id="causal_cache_f32_strided"),
+    pytest.param((2, 3, 2, 3, 37), 2, 1, torch.bfloat16, None, id="group2_cache_bf16"),
+    pytest.param((1, 5, 2, 4, 16), 3, 0, torch.float16, "transposed", id="group3_nocache_f16_channel_strided"),
+    pytest.param((1, 3, 2, 6, 8), 0, 0, torch.float32, "offset", id="causal_nocache_f32_offset"),
+]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter check runs on CPU-only machines")
+@pytest.mark.parametrize("shape,group_size,cache_frames,dtype,layout", WGRAD_CASES)
+def test_triton_weight_grad_does_not_depend_on_the_launch(shape, group_size, cache_frames, dtype, layout, monkeypatch):
+    """The Triton weight grad with its partials sized for 1, 2 and 5 SMs at one program per SM (1, 2 and
+    4-5 partial blocks, as the tiles divide): each
+    equals the reference's weight and bias grads, the launches agree with one another to float32 rounding
+    (the same sums regrouped: the contract), and one launch repeated gives the same bits (fixed order)."""
+    pytest.importorskip("triton")
+    from leanvae_kernels.triton import causal_conv as tc
+
+    x, weight, bias, cache = _inputs(shape, dtype, cache_frames=cache_frames)
+    g = torch.randn(shape).to(dtype)
+    if layout:
+        x, g = strided(x, layout), strided(g, layout)
+    leaves = _leaves(x.float(), weight.float(), bias.float(), cache.float() if cache is not None else None)
+    y, _ = causal_dwconv3d_reference(*leaves, group_size=group_size)
+    y.backward(g.float())
+    exp_w = leaves[1].grad.reshape(shape[-1], 27).t()
+    monkeypatch.setattr(tc, "WGRAD_PROGRAMS_PER_SM", 1)
+    results, nblks = {}, set()
+    for sms in (1, 2, 5):
+        tiles, per, nblk, _ = tc.wgrad_plan(*shape, sms, tc.triton.next_power_of_2(shape[3]),
+                                            tc.triton.next_power_of_2(shape[4]))
+        nblks.add(nblk)
+        results[sms] = tc.causal_dwconv3d_bwd_weight(g, x, cache, group_size, sms=sms)
+        assert_close(results[sms][0], exp_w, torch.float32, msg=f"grad weight, {nblk} partials")
+        assert_close(results[sms][1], leaves[2].grad, torch.float32, msg=f"grad bias, {nblk} partials")
+    assert len(nblks) == 3, nblks  # three different launches (1, 2 and 4-5 blocks)
+    for sms in (2, 5):
+        for a, e in zip(results[sms], results[1]):
+            assert_close(a, e, torch.float32)
+    again = tc.causal_dwconv3d_bwd_weight(g, x, cache, group_size, sms=5)
+    assert torch.equal(again[0], results[5][0]) and torch.equal(again[1], results[5][1])
+
+
+@pytest.mark.parametrize("sms", [1, 8, 108, 132])
+@pytest.mark.parametrize("shape", [(1, 5, 135, 240, 512), (1, 1, 68, 120, 128), (2, 3, 5, 7, 37), (1, 1, 1, 1, 1)],
+                         ids=_sid)
+def test_triton_weight_grad_plan(shape, sms):
+    """The weight grad's launch plan, a pure function of the shape and the SM count (no GPU needed): the
+    blocks cover every tile exactly once, about WGRAD_PROGRAMS_PER_SM programs per SM where the tiles
+    allow, and the partial sum kernel spreads its columns over at least `sms` programs where 28 C allows,
+    with few serial trips (at the target shape before this plan: 14 programs x 159 trips)."""
+    from leanvae_kernels.triton import causal_conv as tc
+
+    b, t, h, w, c = shape
+    tiles, per, nblk, cblocks = tc.wgrad_plan(*shape, sms)
+    assert tiles == b * t * h * -(-w // tc.WGRAD_BLOCK_W) and cblocks == -(-c // tc.WGRAD_BLOCK_C)
+    assert (nblk - 1) * per < tiles <= nblk * per  # every tile in exactly one block, no empty block
+    programs = nblk * cblocks
+    assert programs <= max(cblocks, sms * tc.WGRAD_PROGRAMS_PER_SM)
+    if tiles >= sms * tc.WGRAD_PROGRAMS_PER_SM:
+        assert programs >= sms * tc.WGRAD_PROGRAMS_PER_SM // 2, (nblk, cblocks)
+    block_k, block, sum_programs, trips = tc.sum_plan(nblk, 28 * c, sms)
+    assert sum_programs * block >= 28 * c > (sum_programs - 1) * block and trips * block_k >= nblk
+    assert block_k * block <= 2048  # accumulator tile: 16 values per thread at 4 warps
+    if 28 * c >= 32 * sms:
+        assert sum_programs >= sms
+    if shape == (1, 5, 135, 240, 512) and sms == 132:
+        assert (nblk, cblocks, per) == (66, 16, 307) and (sum_programs, trips) == (224, 3)

@@ -26,6 +26,7 @@ from leanvae_kernels.ops import ista as ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 EMU_SMS = 3  # streaming multiprocessors of the emulated device: small, so blocks loop over their work
+H200_SMS = 132
 
 SHIM = r"""
 #include <atomic>
@@ -210,7 +211,7 @@ def emu_fwd(lib, mode, src, u, y, phi, w):
 def emu_bwd(lib, mode, grad, src, u, y, phi, w):
     grad_x = torch.full_like(grad, float("nan"))
     grad_y = torch.full(y.shape, float("nan"), dtype=torch.float32)
-    rows = ops.ISTA_PARTIAL_ROWS_CUDA  # what the cuda backend passes
+    rows = ops.ista_partial_rows(grad.shape[0], EMU_SMS)  # what the cuda backend passes on this device
     part_phi, part_w = ops._partials(grad.shape[0], phi.shape[0], phi.shape[1], grad.device, grad.dtype, rows)
     part_phi.fill_(float("nan"))
     part_w.fill_(float("nan"))
@@ -298,10 +299,12 @@ def test_emulated_grid_covers_the_work_whatever_the_sm_count(emu):
 
 def test_backward_grid_fills_the_gpu():
     # Issue 13: at 20,000 rows the backward launched 79 blocks (one per 256-row partial) for the 132 SMs
-    # of an H100/H200; with the CUDA partial size every SM gets work at that size.
-    blocks = -(-20000 // ops.ISTA_PARTIAL_ROWS_CUDA)
-    assert blocks >= 2 * 132
-    part_phi, _ = ops._partials(20000, 4, 16, torch.device("cpu"), torch.float32, ops.ISTA_PARTIAL_ROWS_CUDA)
+    # of an H100/H200. The partials are sized from the SM count: every SM gets work, at most
+    # ISTA_PARTIALS_PER_SM blocks each, at that size and others.
+    rows = ops.ista_partial_rows(20000, H200_SMS)
+    blocks = -(-20000 // rows)
+    assert H200_SMS <= blocks <= ops.ISTA_PARTIALS_PER_SM * H200_SMS
+    part_phi, _ = ops._partials(20000, 4, 16, torch.device("cpu"), torch.float32, rows)
     assert part_phi.shape[0] == blocks
 
 
@@ -310,9 +313,8 @@ def test_emulated_partials_one_per_cuda_block(emu):
     # each equal to the sum over its own rows (the emulated kernel against per-block CPU sums).
     n, big_d, d = 300, 20, 4
     src, u, y, phi, w, grad = _inputs(0, n, big_d, d, torch.float32, seed=2)
-    part_phi, part_w = ops._partials(n, d, big_d, y.device, y.dtype, ops.ISTA_PARTIAL_ROWS_CUDA)
-    _call(emu, 1, [grad, src, y, phi, w, torch.empty_like(grad), torch.empty(n, d), part_phi, part_w],
-          [0, ops.ISTA_PARTIAL_ROWS_CUDA])
+    part_phi, part_w = ops._partials(n, d, big_d, y.device, y.dtype, 64)
+    _call(emu, 1, [grad, src, y, phi, w, torch.empty_like(grad), torch.empty(n, d), part_phi, part_w], [0, 64])
     assert part_phi.shape[0] == 5
     e = src @ phi.T - y
     h = grad @ phi.T

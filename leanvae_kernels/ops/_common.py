@@ -101,6 +101,15 @@ def vjp(fn, inputs, grads):
     return result
 
 
+def sm_count(device, default=1):
+    """Streaming multiprocessors of a CUDA device (launch sizing); `default` for any other device (the
+    Triton interpreter on a CPU has none, and its cost is per operation, so few programs suit it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return default
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def acc_dtype(dtype):
     """Accumulation dtype of the references: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

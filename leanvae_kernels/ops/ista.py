@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from .. import _native
 from .._backend import _AUTO_ORDER, BackendUnavailable, OpBackends, resolve
-from ._common import ALL_DTYPES, GPU_DTYPES, acc_dtype, check_same_device, check_scalar, check_tensor, vjp
+from ._common import (ALL_DTYPES, GPU_DTYPES, acc_dtype, check_same_device, check_scalar, check_tensor,
+                      sm_count, vjp)
 
 # Elements per partial sum of grad_theta. Fixed, so the reduction order (and result) does not depend
 # on the thread count or the backend's launch shape. Must match the kernels' argument.
@@ -162,14 +163,25 @@ def soft_threshold(x, theta, *, backend=None):
 # unfused model stores it, so each fused op equals the unfused chain up to the step's own rounding.
 _MODES = {"step": 0, "residual": 1, "init": 2}
 ISTA_MAX_D = 64  # the kernels keep d per-token values on chip; larger d runs the reference
-# Rows per partial sum of grad_phi and grad_w. Fixed, so the reduction order (and result) does not
-# depend on the thread count or the backend's launch shape. Must match the kernels' argument.
+# Rows per partial sum of grad_phi and grad_w on the CPU. Fixed, so the reduction order (and result)
+# does not depend on the thread count. Must match the kernels' argument.
 ISTA_PARTIAL_ROWS = 256
-# The CUDA backward runs one block per partial (at most as many as fit on the GPU at once): 256-row
-# partials gave 79 blocks at 20,000 rows for an H100/H200's 132 SMs, 64-row ones give 313 (about 2.4 per
-# SM). Still fixed, so its results do not depend on the GPU or the launch shape either.
-ISTA_PARTIAL_ROWS_CUDA = 64
-_PARTIAL_ROWS = {"cuda": ISTA_PARTIAL_ROWS_CUDA}
+# On a GPU (cuda and triton) each partial is one block/program, so the partials are sized from the SM
+# count: about ISTA_PARTIALS_PER_SM per SM (a fixed 256 rows gave 79 blocks at 20,000 rows for an H100/H200's
+# 132 SMs; these give 250, at most 2 per SM). Fixed for a given device and row count, so results are
+# deterministic on a device and differ between GPU models only by float rounding.
+ISTA_PARTIALS_PER_SM = 2
+ISTA_ROW_MULTIPLE = 16  # the Triton kernel's BLOCK_N; the CUDA kernel needs a multiple of 4
+
+
+def ista_partial_rows(n, sms):
+    """Rows per partial for n rows on a GPU with `sms` SMs: a multiple of ISTA_ROW_MULTIPLE, so that
+    ceil(n / rows) <= ISTA_PARTIALS_PER_SM * sms partials (as many as that allows)."""
+    if sms < 1:
+        raise ValueError(f"ista_partial_rows: sms must be >= 1, got {sms}")
+    target = ISTA_PARTIALS_PER_SM * sms
+    rows = -(-max(n, 1) // target)
+    return -(-rows // ISTA_ROW_MULTIPLE) * ISTA_ROW_MULTIPLE
 
 
 def ista_step_reference(r, y, phi, w):
@@ -305,7 +317,7 @@ def _native_step_impls(backend, dtypes):
     def _(mode, grad, src, u, y, phi, w):
         grad_x = torch.empty_like(grad)
         grad_y = torch.empty(y.shape, device=y.device, dtype=acc_dtype(y.dtype))
-        rows = _PARTIAL_ROWS.get(backend, ISTA_PARTIAL_ROWS)
+        rows = ista_partial_rows(grad.shape[0], sm_count(grad.device)) if backend == "cuda" else ISTA_PARTIAL_ROWS
         part_phi, part_w = _partials(grad.shape[0], phi.shape[0], phi.shape[1], grad.device, grad.dtype, rows)
         tensors = [grad, src, y, phi, w, grad_x, grad_y, part_phi, part_w] + ([u] if mode == 1 else [])
         _native.run(backend, "ista_step_bwd", tensors, ints=[mode, rows])
@@ -327,7 +339,8 @@ def _(mode, src, u, y, phi, w):
 def _(mode, grad, src, u, y, phi, w):
     from ..triton.ista import ista_step_bwd
 
-    grad_x, grad_y, part_phi, part_w = ista_step_bwd(mode, grad, src, u, y, phi, w, ISTA_PARTIAL_ROWS)
+    rows = ista_partial_rows(grad.shape[0], sm_count(grad.device))
+    grad_x, grad_y, part_phi, part_w = ista_step_bwd(mode, grad, src, u, y, phi, w, rows)
     return (grad_x, grad_y) + _finish_grads(part_phi, part_w, phi, w)
 
 

@@ -10,8 +10,11 @@ feeds three rolling accumulators, one per output frame the frame touches, so eac
 memory about once. Grad input is the same correlation with spatially flipped taps and the temporal map
 reversed.
 
-`_causal_dwconv3d_wgrad_kernel`: fixed blocks of positions -> partial sums per (block, tap, channel),
-summed in block order by `_sum_partials_kernel` (deterministic).
+`_causal_dwconv3d_wgrad_kernel`: contiguous blocks of tiles (BLOCK_W columns of one (b, t, h) row), one
+program per (block, channel block): each tile's grad_y is read once and multiplied into 28 register tiles
+(27 taps + bias), reduced once per program -> partial sums per (block, tap, channel), summed by
+`_sum_partials_kernel` in a fixed order (deterministic; the block count is sized from the SM count, so
+results are fixed per GPU model and differ between models by float rounding only).
 
 Index arithmetic is int64 throughout (tensors past 2^31 elements; it also keeps Triton's interpreter from
 checking every int32 operation for overflow, which dominates its run time).
@@ -21,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .._triton import interpreting
+from ..ops._common import sm_count
 
 
 @triton.jit
@@ -247,94 +251,160 @@ def _frame_step(
 
 
 @triton.jit
+def _wgrad_row(acc, g, f_ptr, f_w, f_c, row_ok, offs_w, offs_c, mask_c, col_ok, W, TAP0: tl.constexpr):
+    """acc (a tuple of 27 tiles) with taps TAP0..TAP0+2 (one frame row, the three column shifts) updated by
+    g * the row's shifted tiles. f_ptr: the row's first element (row_ok: the row exists, else zeros)."""
+    out = ()
+    for n in tl.static_range(27):
+        if n >= TAP0 and n < TAP0 + 3:
+            ww = offs_w + (n - TAP0 - 1)
+            # Columns of the tile past the frame (col_ok False) read nothing: their g is a masked 0, and
+            # 0 * an Inf in x would put a NaN the reference never forms into the sum.
+            m = (col_ok & (ww >= 0) & (ww < W))[:, None] & mask_c[None, :] & row_ok
+            xs = tl.load(f_ptr + ww[:, None] * f_w + offs_c[None, :] * f_c, mask=m, other=0.0).to(tl.float32)
+            out = out + (acc[n] + g * xs,)
+        else:
+            out = out + (acc[n],)
+    return out
+
+
+@triton.jit
+def _wgrad_tile(
+    q, NQ, acc, acc_b, x_ptr, cache_ptr, gy_ptr, T, H, W, G, n_wb,
+    x_b, x_t, x_h, x_w, x_c, c_b, c_t, c_h, c_w, c_c, g_b, g_t, g_h, g_w, g_c,
+    offs_c, mask_c, GROUP: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Tile q (BLOCK_W columns of one (b, t, h) row; q >= NQ: past the end, adds zeros) added to the 27
+    tap accumulators and the bias accumulator."""
+    OFF: tl.constexpr = 1 if GROUP else 2
+    N: tl.constexpr = OFF
+    # Scalar index arithmetic in int32 (the launcher checks tiles < 2^31): 64-bit division is a subroutine
+    # call on the GPU.
+    wb = q % n_wb
+    row = q // n_wb
+    h32 = row % H.to(tl.int32)
+    bt = row // H.to(tl.int32)
+    t32 = bt % T.to(tl.int32)
+    b = (bt // T.to(tl.int32)).to(tl.int64)
+    h = h32.to(tl.int64)
+    t = t32.to(tl.int64)
+    offs_w = wb.to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)
+    col_ok = (offs_w < W) & (q < NQ)
+    g = tl.load(gy_ptr + b * g_b + t * g_t + h * g_h + offs_w[:, None] * g_w + offs_c[None, :] * g_c,
+                mask=col_ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    acc_b += g
+    if GROUP:
+        # int32 division, as above
+        end = tl.minimum(T, ((t32 // G) * G + G).to(tl.int64))
+    for i in tl.static_range(3):
+        s = t - OFF + i
+        if GROUP:
+            f_ok = s < end  # the tap past a group's end reads zeros
+        else:
+            f_ok = s < T  # always true, as a scalar tensor
+        if HAS_CACHE:
+            in_cache = s < 0
+            f_ptr = tl.where(in_cache, cache_ptr + b * c_b + (s + N) * c_t, x_ptr + b * x_b + s * x_t)
+            f_h = tl.where(in_cache, c_h, x_h)
+            f_w = tl.where(in_cache, c_w, x_w)
+            f_c = tl.where(in_cache, c_c, x_c)
+        else:
+            f_ok = f_ok & (s >= 0)  # no cache: the frames before x are zeros
+            f_ptr = x_ptr + b * x_b + s * x_t
+            f_h = x_h
+            f_w = x_w
+            f_c = x_c
+        for j in tl.static_range(3):
+            hh = h + (j - 1)
+            acc = _wgrad_row(acc, g, f_ptr + hh * f_h, f_w, f_c, f_ok & (hh >= 0) & (hh < H), offs_w, offs_c,
+                             mask_c, col_ok, W, i * 9 + j * 3)
+    return acc, acc_b
+
+
+@triton.jit
 def _causal_dwconv3d_wgrad_kernel(
     x_ptr, cache_ptr, gy_ptr, part_ptr,
-    T, H, W, C, G, P,
+    T, H, W, C, G, NQ, TILES,
     x_b, x_t, x_h, x_w, x_c,
     c_b, c_t, c_h, c_w, c_c,
     g_b, g_t, g_h, g_w, g_c,
-    GROUP: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_P: tl.constexpr, SUB: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    GROUP: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
-    # Program (block, channel block, temporal tap i): part[block, 9i + 3j + k, c] = sum over the block's
-    # SUB * BLOCK_P positions (b, t, h, w), in order, of gy * (the frame read through tap (i, j, k)); the
-    # i = 0 programs also write part[block, 27, c] = sum of gy (grad bias). One temporal tap per program keeps
-    # nine shifted tiles in flight instead of 27.
-    OFF: tl.constexpr = 1 if GROUP else 2
-    N: tl.constexpr = OFF
-    T32 = T.to(tl.int32)
-    H32 = H.to(tl.int32)
-    W32 = W.to(tl.int32)
+    # Program (block, channel block): part[block, 9i + 3j + k, c] = sum over the block's TILES tiles (in
+    # order; a tile is BLOCK_W columns of one (b, t, h) row) of gy * (the frame read through tap (i, j, k)),
+    # and part[block, 27, c] = sum of gy (grad bias). Each tile's gy is read once for all 27 taps and
+    # multiplied into 28 register tiles; each tile is reduced over its columns once, at the end.
     T = T.to(tl.int64)
     H = H.to(tl.int64)
     W = W.to(tl.int64)
     C = C.to(tl.int64)
-    blk = tl.program_id(0).to(tl.int64)
+    n_wb = tl.cdiv(W, BLOCK_W).to(tl.int32)
+    blk = tl.program_id(0)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    i = tl.program_id(2)
     mask_c = offs_c < C
-    rows = tl.arange(0, 16)
-    acc = tl.zeros((16, BLOCK_C), tl.float32)
-    for sub in range(SUB):  # a constant trip count
-        # Positions in int32 (the launcher checks P < 2^31): 64-bit division is a subroutine call on the GPU.
-        p = (blk.to(tl.int32) * SUB + sub) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = p < P
-        w = (p % W32).to(tl.int64)
-        h = ((p // W32) % H32).to(tl.int64)
-        t32 = (p // (W32 * H32)) % T32
-        t = t32.to(tl.int64)
-        b = (p // (W32 * H32 * T32)).to(tl.int64)
-        g = tl.load(gy_ptr + (b * g_b + t * g_t + h * g_h + w * g_w)[:, None] + offs_c[None, :] * g_c,
-                    mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        acc = tl.where(rows[:, None] == 9, acc + tl.sum(g, axis=0)[None, :], acc)
-        s = t - OFF + i
-        if GROUP:
-            ok = mask_p & (s < tl.minimum(T, ((t32 // G) * G + G).to(tl.int64)))
-        else:
-            ok = mask_p
-        in_x = ok & (s >= 0)
-        in_c = ok & (s < 0)
-        for j in tl.static_range(3):
-            hh = h + (j - 1)
-            row_ok = (hh >= 0) & (hh < H)
-            for kk in tl.static_range(3):
-                ww = w + (kk - 1)
-                sp_ok = row_ok & (ww >= 0) & (ww < W)
-                xs = tl.load(x_ptr + (b * x_b + s * x_t + hh * x_h + ww * x_w)[:, None] + offs_c[None, :] * x_c,
-                             mask=(in_x & sp_ok)[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-                if HAS_CACHE:
-                    xs += tl.load(cache_ptr + (b * c_b + (s + N) * c_t + hh * c_h + ww * c_w)[:, None]
-                                  + offs_c[None, :] * c_c, mask=(in_c & sp_ok)[:, None] & mask_c[None, :],
-                                  other=0.0).to(tl.float32)
-                acc = tl.where(rows[:, None] == j * 3 + kk, acc + tl.sum(g * xs, axis=0)[None, :], acc)
-    out = part_ptr + blk * 28 * C + offs_c[None, :]
-    tl.store(out + (i * 9 + rows[:, None]) * C, acc, mask=(rows < 9)[:, None] & mask_c[None, :])
-    tl.store(out + 27 * C + rows[:, None] * 0, acc, mask=(rows == 9)[:, None] & mask_c[None, :] & (i == 0))
+    z = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+    acc = (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+    acc_b = z
+    q0 = blk * TILES
+    if INTERPRET:  # see _causal_dwconv3d_kernel
+        it = 0
+        while it < TILES:
+            acc, acc_b = _wgrad_tile(
+                q0 + it, NQ, acc, acc_b, x_ptr, cache_ptr, gy_ptr, T, H, W, G, n_wb,
+                x_b, x_t, x_h, x_w, x_c, c_b, c_t, c_h, c_w, c_c, g_b, g_t, g_h, g_w, g_c,
+                offs_c, mask_c, GROUP, HAS_CACHE, BLOCK_W)
+            it += 1
+    else:
+        for it in range(TILES):
+            acc, acc_b = _wgrad_tile(
+                q0 + it, NQ, acc, acc_b, x_ptr, cache_ptr, gy_ptr, T, H, W, G, n_wb,
+                x_b, x_t, x_h, x_w, x_c, c_b, c_t, c_h, c_w, c_c, g_b, g_t, g_h, g_w, g_c,
+                offs_c, mask_c, GROUP, HAS_CACHE, BLOCK_W)
+    out = part_ptr + blk.to(tl.int64) * 28 * C + offs_c
+    for n in tl.static_range(27):
+        tl.store(out + n * C, tl.sum(acc[n], axis=0), mask=mask_c)
+    tl.store(out + 27 * C, tl.sum(acc_b, axis=0), mask=mask_c)
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, NBLK, M, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
-    # out[m] = sum over blocks, in block order, of part[block, m].
+def _sum_partials_kernel(part_ptr, out_ptr, NBLK, M, TRIPS, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr,
+                         INTERPRET: tl.constexpr):
+    # out[m] = sum over the NBLK partials of part[k, m]: a (BLOCK_K, BLOCK) tile accumulated elementwise over
+    # TRIPS = cdiv(NBLK, BLOCK_K) steps (row k into row k % BLOCK_K), then reduced over its rows once. A
+    # fixed order for given (NBLK, BLOCK_K, BLOCK): deterministic.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
     mask = offs < M
-    acc = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK), tl.float32)
     if INTERPRET:  # see _causal_dwconv3d_kernel
-        k = 0
-        while k < NBLK:
-            acc += tl.load(part_ptr + k * M + offs, mask=mask, other=0.0)
-            k += 1
+        it = 0
+        while it < TRIPS:
+            k = it * BLOCK_K + ks
+            acc += tl.load(part_ptr + k[:, None] * M + offs[None, :], mask=(k < NBLK)[:, None] & mask[None, :],
+                           other=0.0)
+            it += 1
     else:
-        for k in range(NBLK):
-            acc += tl.load(part_ptr + k.to(tl.int64) * M + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc, mask=mask)
+        for it in range(TRIPS):
+            k = it * BLOCK_K + ks
+            acc += tl.load(part_ptr + k[:, None] * M + offs[None, :], mask=(k < NBLK)[:, None] & mask[None, :],
+                           other=0.0)
+    tl.store(out_ptr + offs, tl.sum(acc, axis=0), mask=mask)
+
+
+# Launch options of the conv kernels: 4 warps, registers capped at 128 so that four 128-thread programs fit
+# an SM's 64K registers whatever Triton version compiles them (uncapped, Triton 3.6 gave the grad input 134
+# and Triton 3.9 the group-mode weight grad 136; capped, neither spills: the sm_90 compile test checks).
+_LAUNCH = dict(num_warps=4, maxnreg=128)
 
 
 def _blocks(w, c):
     """(BLOCK_W, BLOCK_C). The interpreter's cost is per operation, not per element: whole rows there.
-    On GPUs 8 x 32 with 4 warps. Compiled for sm_90 as launched at (1, 5, 135, 240, 512) bf16 (Triton 3.9;
-    tests/test_causal_conv.py, test_triton_kernels_compile_for_sm90_without_spills) the forward needs 95-99
-    registers and the grad input 120-128, without spilling (219-231 before the taps were hoisted out of the
-    frame walk). An earlier, generically specialised compile found 16 x 64 at 244 registers, spilling."""
+    On GPUs 8 x 32 with 4 warps. Compiled for sm_90 as launched at (1, 5, 135, 240, 512) bf16
+    (tests/test_causal_conv.py, test_triton_kernels_compile_for_sm90_without_spills) the forward needs
+    95-99 registers and the grad input 114-123 under the 128 cap (Triton 3.9 / 3.6), without spilling
+    (219-231 before the taps were hoisted out of the frame walk). An earlier, generically specialised
+    compile found 16 x 64 at 244 registers, spilling."""
     if interpreting():
         return triton.next_power_of_2(w), triton.next_power_of_2(c)
     return 8, min(32, triton.next_power_of_2(c))
@@ -355,7 +425,7 @@ def causal_dwconv3d_fwd(x, cache, w27, bias, residual, group_size):
         t, h, w, c, max(group_size, 1),
         *x.stride(), *aux.stride(), *y.stride()[:4], *new_cache.stride()[:4],
         BWD=False, GROUP=group_size > 0, HAS_AUX=cache is not None, HAS_BIAS=bias is not None, RESIDUAL=residual,
-        HAS_OCACHE=True, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), num_warps=4,
+        HAS_OCACHE=True, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), **_LAUNCH,
     )
     return y, new_cache
 
@@ -374,39 +444,70 @@ def causal_dwconv3d_bwd_input(grad_y, grad_cache, wflip27, has_cache, residual, 
         t, h, w, c, max(group_size, 1),
         *grad_y.stride(), *grad_cache.stride(), *gx.stride()[:4], *gc.stride()[:4],
         BWD=True, GROUP=group_size > 0, HAS_AUX=True, HAS_BIAS=False, RESIDUAL=residual,
-        HAS_OCACHE=has_cache, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), num_warps=4,
+        HAS_OCACHE=has_cache, BLOCK_W=bw, BLOCK_C=bc, INTERPRET=interpreting(), **_LAUNCH,
     )
     return gx, (gc if has_cache else None)
 
 
-# Positions per partial sum of the weight grad: WGRAD_SUB sub-blocks of BLOCK_P (fewer for small calls).
-# On GPUs 16 positions x 32 channels with 4 warps: compiled for sm_90 as launched at (1, 5, 135, 240, 512)
-# bf16 that needs 64-80 registers and does not spill (64 x 32 did, heavily, in an earlier generic compile:
-# nine tiles of 64-bit addresses in flight).
-WGRAD_POSITIONS = 1024
+# Weight grad launch plan. Tiles of WGRAD_BLOCK_W columns x WGRAD_BLOCK_C channels, 4 warps: 28 float32
+# register tiles (27 taps + bias) of 2 values per thread. The tiles are cut into contiguous blocks, one
+# program per (block, channel block), about WGRAD_PROGRAMS_PER_SM programs per SM in all (the block size
+# is therefore fixed per GPU model: results are deterministic on a given device and differ between
+# devices only by float rounding). Registers measured by the sm_90 compile test; timings are predictions
+# until a GPU run (benchmarks/NOTES.md).
+WGRAD_BLOCK_W = 8
+WGRAD_BLOCK_C = 32
+WGRAD_PROGRAMS_PER_SM = 8
 
 
-def causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size):
-    """(grad weight (27, C), grad bias (C,)) in float32, from fixed partial blocks summed in block order."""
+def wgrad_plan(b, t, h, w, c, sms, block_w=WGRAD_BLOCK_W, block_c=WGRAD_BLOCK_C):
+    """(tiles, tiles per program, programs along the tiles, channel blocks) of the weight grad: a pure
+    function of the shape and the SM count. Tiles are (b, t, h) rows cut into block_w columns."""
+    tiles = b * t * h * triton.cdiv(w, block_w)
+    cblocks = triton.cdiv(c, block_c)
+    want = max(1, (sms * WGRAD_PROGRAMS_PER_SM) // cblocks)
+    per = triton.cdiv(tiles, min(want, tiles)) if tiles else 1
+    return tiles, per, (triton.cdiv(tiles, per) if tiles else 1), cblocks
+
+
+def sum_plan(nblk, m, sms):
+    """(BLOCK_K, BLOCK, programs, trips) of `_sum_partials_kernel` for nblk partials of m values: BLOCK
+    columns per program (a power of two, 32..1024) small enough for at least `sms` programs where m allows,
+    BLOCK_K partial rows per step, trips = steps per program."""
+    block = 1024
+    while block > 32 and triton.cdiv(m, block) < sms:
+        block //= 2
+    block_k = min(triton.next_power_of_2(max(nblk, 1)), max(1, 2048 // block))
+    return block_k, block, triton.cdiv(m, block), triton.cdiv(nblk, block_k)
+
+
+def causal_dwconv3d_bwd_weight(grad_y, x, cache, group_size, sms=None):
+    """(grad weight (27, C), grad bias (C,)) in float32, from fixed partial blocks summed in block order.
+    sms: the SM count the partials are sized for (default: the device's)."""
     b, t, h, w, c = x.shape
-    positions = b * t * h * w
-    if positions >= 2**31:
-        raise ValueError(f"causal_dwconv3d (triton): grad weight supports B*T*H*W < 2^31 positions, got {positions}")
-    block_p, max_bc = (64, 64) if interpreting() else (16, 32)
-    sub = min(WGRAD_POSITIONS // block_p, triton.cdiv(positions, block_p))
-    nblk = triton.cdiv(positions, block_p * sub)
-    bc = min(max_bc, triton.next_power_of_2(c))
+    if interpreting():
+        block_w, block_c = triton.next_power_of_2(w), triton.next_power_of_2(c)
+    else:
+        block_w, block_c = WGRAD_BLOCK_W, min(WGRAD_BLOCK_C, triton.next_power_of_2(c))
+    sms = sms or sm_count(x.device)
+    tiles, per, nblk, cblocks = wgrad_plan(b, t, h, w, c, sms, block_w, block_c)
+    if nblk * per >= 2**31:  # tile indices are int32 in the kernel, up to the last block's end
+        raise ValueError(f"causal_dwconv3d (triton): grad weight supports B*T*H*ceil(W/{block_w}) < 2^31 tiles, "
+                         f"got {tiles}")
     part = torch.empty((nblk, 28, c), dtype=torch.float32, device=x.device)
     aux = cache if cache is not None else x
-    _causal_dwconv3d_wgrad_kernel[(nblk, triton.cdiv(c, bc), 3)](
+    _causal_dwconv3d_wgrad_kernel[(nblk, cblocks)](
         x, aux, grad_y, part,
-        t, h, w, c, max(group_size, 1), positions,
+        t, h, w, c, max(group_size, 1), tiles, per,
         *x.stride(), *aux.stride(), *grad_y.stride(),
-        GROUP=group_size > 0, HAS_CACHE=cache is not None, BLOCK_P=block_p, SUB=sub, BLOCK_C=bc, num_warps=4,
+        GROUP=group_size > 0, HAS_CACHE=cache is not None, BLOCK_W=block_w, BLOCK_C=block_c,
+        INTERPRET=interpreting(), **_LAUNCH,
     )
     out = torch.empty((28, c), dtype=torch.float32, device=x.device)
     m = 28 * c
-    _sum_partials_kernel[(triton.cdiv(m, 1024),)](part, out, nblk, m, BLOCK=1024, INTERPRET=interpreting())
+    block_k, block, programs, trips = sum_plan(nblk, m, sms)
+    _sum_partials_kernel[(programs,)](part, out, nblk, m, trips, BLOCK_K=block_k, BLOCK=block,
+                                      INTERPRET=interpreting(), num_warps=4)
     # Two buffers, not two views of one: with C == 1 the weight gradient's (27, 1) -> (1, 27) reshape is a
     # view, and an op must not return outputs that alias each other.
     return out[:27], out[27].clone()

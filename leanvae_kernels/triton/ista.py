@@ -136,65 +136,88 @@ def _ista_step_fwd_kernel(src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, out_ptr, N, D, 
 
 
 @triton.jit
-def _ista_step_bwd_kernel(grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, grad_x_ptr, grad_y_ptr, part_phi_ptr,
-                          part_w_ptr, N, D, d, grad_rs, src_rs, u_rs, y_rs, ROWS: tl.constexpr, MODE: tl.constexpr,
-                          FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-    # One program per ROWS rows. Its grad_phi partial (d, D) lives in its own slice of part_phi (zeroed
-    # by the launcher) and is updated once per BLOCK_N rows, chunk by chunk, in row order: deterministic.
-    pid = tl.program_id(0)
+def _ista_bwd_rows(row0, acc_w, part, grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w, grad_x_ptr, grad_y_ptr, N, D, d,
+                   grad_rs, src_rs, u_rs, y_rs, MODE: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows row0..row0 + BLOCK_N - 1 (row0 < N): grad_x, grad_y, the partial's update; returns acc_w."""
     ks = tl.arange(0, BLOCK_K)
+    rows = row0 + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    ymask = rmask[:, None] & (ks[None, :] < d)
+    y = tl.load(y_ptr + rows[:, None] * y_rs + ks[None, :], mask=ymask, other=0.0)
+    e = -y.to(tl.float32)
+    h = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for c0 in range(0, BLOCK_D, BLOCK_C):
+        phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
+                                     MODE, FP32, BLOCK_C, BLOCK_K)
+        g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        e += _dot(x, tl.trans(phi), FP32)
+        h += _dot(g, tl.trans(phi), FP32)
+    # padded measurements (see the forward) and rows past the end (0 . phi, NaN for an inf in phi)
+    real = rmask[:, None] & (ks[None, :] < d)
+    e = tl.where(real, e, 0.0)
+    h = tl.where(real, h, 0.0)
+    tl.store(grad_y_ptr + rows[:, None] * d + ks[None, :], w * h, mask=ymask)
+    # grad_w per row: e . h, or where that is not finite (an inf/NaN in the row's data) the
+    # reference's order g . (e @ phi), summed in the chunk loop below (csrc/cpu/ista_step.cpp:
+    # reference_order_row explains why the two differ there)
+    rw = tl.sum(e * h, axis=1)
+    bad = (rw != rw) | (tl.abs(rw) == float("inf"))
+    if tl.max(bad.to(tl.int32), axis=0) > 0:  # rare: a pass of its own keeps the main loop's registers
+        slow = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for c0 in range(0, BLOCK_D, BLOCK_C):
+            phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs,
+                                         u_rs, MODE, FP32, BLOCK_C, BLOCK_K)
+            g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0)
+            slow += tl.sum(g.to(tl.float32) * _dot_f32(e, phi, FP32), axis=1)
+        rw = tl.where(bad, slow, rw)
+    acc_w += rw
+    for c0 in range(0, BLOCK_D, BLOCK_C):
+        phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
+                                     MODE, FP32, BLOCK_C, BLOCK_K)
+        mask = rmask[:, None] & cmask[None, :]
+        g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=mask, other=0.0)
+        grad_x = g.to(tl.float32) - w * _dot_f32(h, phi, FP32)
+        tl.store(grad_x_ptr + rows[:, None] * D + cols[None, :], grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+        kd = (ks[:, None] < d) & cmask[None, :]
+        p_ptrs = part + ks[:, None] * D + cols[None, :]
+        p = tl.load(p_ptrs, mask=kd, other=0.0)
+        p += _dot_f32(tl.trans(e), g, FP32) + _dot_f32(tl.trans(h), x, FP32)
+        tl.store(p_ptrs, p, mask=kd)
+    tl.debug_barrier()  # the next rows' read of the partial must see this store, whichever thread made it
+    return acc_w
+
+
+@triton.jit
+def _ista_step_bwd_kernel(grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w_ptr, grad_x_ptr, grad_y_ptr, part_phi_ptr,
+                          part_w_ptr, N, D, d, grad_rs, src_rs, u_rs, y_rs, ROWS, MODE: tl.constexpr,
+                          FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    # One program per ROWS rows (a runtime multiple of BLOCK_N, sized from the SM count by the op: one
+    # compile serves every row count). Its grad_phi partial (d, D) lives in its own slice of part_phi
+    # (zeroed by the launcher) and is updated once per BLOCK_N rows, chunk by chunk, in row order:
+    # deterministic.
+    pid = tl.program_id(0)
     w = tl.load(w_ptr).to(tl.float32)
     part = part_phi_ptr + pid.to(tl.int64) * d * D
     acc_w = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for start in range(0, ROWS, BLOCK_N):
-        row0 = pid.to(tl.int64) * ROWS + start
-        if row0 < N:  # the last block may hold fewer rows
-            rows = row0 + tl.arange(0, BLOCK_N)
-            rmask = rows < N
-            ymask = rmask[:, None] & (ks[None, :] < d)
-            y = tl.load(y_ptr + rows[:, None] * y_rs + ks[None, :], mask=ymask, other=0.0)
-            e = -y.to(tl.float32)
-            h = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for c0 in range(0, BLOCK_D, BLOCK_C):
-                phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
-                                             MODE, FP32, BLOCK_C, BLOCK_K)
-                g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-                e += _dot(x, tl.trans(phi), FP32)
-                h += _dot(g, tl.trans(phi), FP32)
-            # padded measurements (see the forward) and rows past the end (0 . phi, NaN for an inf in phi)
-            real = rmask[:, None] & (ks[None, :] < d)
-            e = tl.where(real, e, 0.0)
-            h = tl.where(real, h, 0.0)
-            tl.store(grad_y_ptr + rows[:, None] * d + ks[None, :], w * h, mask=ymask)
-            # grad_w per row: e . h, or where that is not finite (an inf/NaN in the row's data) the
-            # reference's order g . (e @ phi), summed in the chunk loop below (csrc/cpu/ista_step.cpp:
-            # reference_order_row explains why the two differ there)
-            rw = tl.sum(e * h, axis=1)
-            bad = (rw != rw) | (tl.abs(rw) == float("inf"))
-            if tl.max(bad.to(tl.int32), axis=0) > 0:  # rare: a pass of its own keeps the main loop's registers
-                slow = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for c0 in range(0, BLOCK_D, BLOCK_C):
-                    phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs,
-                                                 u_rs, MODE, FP32, BLOCK_C, BLOCK_K)
-                    g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                                other=0.0)
-                    slow += tl.sum(g.to(tl.float32) * _dot_f32(e, phi, FP32), axis=1)
-                rw = tl.where(bad, slow, rw)
-            acc_w += rw
-            for c0 in range(0, BLOCK_D, BLOCK_C):
-                phi, x, cols, cmask = _chunk(src_ptr, u_ptr, src_ptr, phi_ptr, y, rows, rmask, c0, D, d, src_rs, u_rs,
-                                             MODE, FP32, BLOCK_C, BLOCK_K)
-                mask = rmask[:, None] & cmask[None, :]
-                g = tl.load(grad_ptr + rows[:, None] * grad_rs + cols[None, :], mask=mask, other=0.0)
-                grad_x = g.to(tl.float32) - w * _dot_f32(h, phi, FP32)
-                tl.store(grad_x_ptr + rows[:, None] * D + cols[None, :], grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-                kd = (ks[:, None] < d) & cmask[None, :]
-                p_ptrs = part + ks[:, None] * D + cols[None, :]
-                p = tl.load(p_ptrs, mask=kd, other=0.0)
-                p += _dot_f32(tl.trans(e), g, FP32) + _dot_f32(tl.trans(h), x, FP32)
-                tl.store(p_ptrs, p, mask=kd)
-            tl.debug_barrier()  # the next rows' read of the partial must see this store, whichever thread made it
+    first = pid.to(tl.int64) * ROWS
+    end = tl.minimum(first + ROWS, N)  # the last block may hold fewer rows
+    if INTERPRET:
+        # Triton 3.6's interpreter cannot take a runtime loop bound with numpy >= 2.4 (see
+        # causal_conv.py); the same body runs under a while loop there.
+        row0 = first
+        while row0 < end:
+            acc_w = _ista_bwd_rows(row0, acc_w, part, grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w, grad_x_ptr,
+                                   grad_y_ptr, N, D, d, grad_rs, src_rs, u_rs, y_rs, MODE, FP32, BLOCK_N, BLOCK_D,
+                                   BLOCK_C, BLOCK_K)
+            row0 += BLOCK_N
+    else:
+        for row0 in range(first, end, BLOCK_N):
+            acc_w = _ista_bwd_rows(row0, acc_w, part, grad_ptr, src_ptr, u_ptr, y_ptr, phi_ptr, w, grad_x_ptr,
+                                   grad_y_ptr, N, D, d, grad_rs, src_rs, u_rs, y_rs, MODE, FP32, BLOCK_N, BLOCK_D,
+                                   BLOCK_C, BLOCK_K)
     tl.store(part_w_ptr + pid, tl.sum(acc_w, axis=0))
 
 
@@ -234,6 +257,8 @@ def ista_step_fwd(mode, src, u, y, phi, w, fp32=None):
 
 def ista_step_bwd(mode, grad, src, u, y, phi, w, rows_per_partial, fp32=None):
     """Returns (grad_x, grad_y, part_phi (blocks, d, D), part_w (blocks,)); all but grad_x in float32."""
+    from .._triton import interpreting
+
     n, (d, big_d) = y.shape[0], phi.shape
     grad_x = torch.empty(n, big_d, device=y.device, dtype=y.dtype)
     grad_y = torch.empty(y.shape, device=y.device, dtype=torch.float32)
@@ -246,7 +271,7 @@ def ista_step_bwd(mode, grad, src, u, y, phi, w, rows_per_partial, fp32=None):
         u_ = u if u is not None else src
         _ista_step_bwd_kernel[(blocks,)](
             grad, src, u_, y, phi, w, grad_x, grad_y, part_phi, part_w, n, big_d, d, grad.stride(0),
-            src.stride(0), u_.stride(0), y.stride(0), ROWS=rows_per_partial, BLOCK_N=_BLOCK_N,
+            src.stride(0), u_.stride(0), y.stride(0), rows_per_partial, BLOCK_N=_BLOCK_N, INTERPRET=interpreting(),
             **_step_meta(mode, y, phi, fp32), **_LAUNCH,
         )
     return grad_x, grad_y, part_phi, part_w
