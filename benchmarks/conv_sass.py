@@ -5,7 +5,7 @@
 Compiles the source with setup.py's nvcc flags (`-cubin`, sm_90), disassembles it with cuobjdump (the
 pip wheel nvidia-cuda-cuobjdump, or the toolkit's), and prints one row per kernel instantiation: ptxas
 registers / spill bytes, then, for the main frame loop (the loop, found from its backward branch, that
-holds the most FFMA), static counts of its instructions: total, FFMA, global loads by width, shared-memory
+holds the most FFMA; of several, the shortest: the steady-state loop), static counts of its instructions: total, FFMA, global loads by width, shared-memory
 loads/stores, integer address arithmetic (IMAD.WIDE*, IADD3*, LEA*, IMAD.X, IMAD.SHL, SHF*), global bytes
 per LDG (mean width), and non-FFMA instructions per FFMA. Static counts, not a profile: a loop body with
 two copies of the tap code (the grad input's border and interior threads) counts both; the numbers are a
@@ -70,7 +70,9 @@ def parse_sass(text):
 
 
 def frame_loop(insns):
-    """The instructions of the loop (backward branch) holding the most FFMA (ties: the larger range)."""
+    """The instructions of the main frame loop: of the loops (backward branches) holding the most FFMA, the
+    shortest (the reworked kernels run their steady frames in a lean loop of their own and the first and
+    last frames in a general one; the original kernels have a single frame loop)."""
     best, best_key = insns, None
     for addr, op, args in insns:
         if not _BRA.match(op):
@@ -80,7 +82,7 @@ def frame_loop(insns):
             continue
         lo = int(m.group(1), 16)
         body = [i for i in insns if lo <= i[0] <= addr]
-        key = (sum(i[1].startswith("FFMA") for i in body), addr - lo)
+        key = (sum(i[1].startswith("FFMA") for i in body), -len(body))
         if best_key is None or key > best_key:
             best, best_key = body, key
     return best
@@ -134,7 +136,7 @@ def compile_cubin(source, tmp, csrc=CSRC):
     home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
     cubin = os.path.join(tmp, "k.cubin")
     cmd = [nvcc, "-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-gencode", "arch=compute_90,code=sm_90",
-           f"-I{CSRC}", f"-I{os.path.join(home, 'include')}", "-Xptxas", "-v", "-cubin", source, "-o", cubin]
+           f"-I{csrc}", f"-I{os.path.join(home, 'include')}", "-Xptxas", "-v", "-cubin", source, "-o", cubin]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"nvcc failed:\n{proc.stderr[-4000:]}")

@@ -3,8 +3,8 @@
 // weight/bias as fixed per-block partial sums reduced in a fixed order (deterministic).
 //
 // The per-thread work lives in causal_conv_body.cuh, shared with a host build that the tests run on the
-// CPU (csrc/cpu/causal_conv_cuda_emu.cpp). Here: storage access (vector loads where the layout allows),
-// launches, and the block reduction of the weight grad.
+// CPU (csrc/cpu/causal_conv_cuda_emu.cpp). Here: storage access (16-byte loads where the layout allows,
+// shared memory), the kernels' phase loops and barriers, launches, and the block reduction of the weight grad.
 #include <cstdint>
 
 #include "causal_conv_body.cuh"
@@ -51,6 +51,22 @@ struct DevIO {
         if (v < cn) p[v] = from_float<S>(f[v]);
     }
   }
+  // Shared memory (float, 16-byte aligned tile; offsets multiples of N): N floats in or out.
+  template <int N>
+  static __device__ __forceinline__ void sts(float* p, const float* f) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(f[4 * i], f[4 * i + 1], f[4 * i + 2], f[4 * i + 3]);
+  }
+  template <int N>
+  static __device__ __forceinline__ void lds(const float* p, float* f) {
+    static_assert(N == 1 || N == 2, "the compute phase reads 1 or 2 channels");
+    if (N == 1) {
+      f[0] = *p;
+    } else {
+      const float2 v = *reinterpret_cast<const float2*>(p);
+      f[0] = v.x, f[N - 1] = v.y;
+    }
+  }
   // Bit-exact copy of cn channels (zeros when s is null); the destination has channel stride 1.
   template <int V>
   static __device__ __forceinline__ void copy(S* d, const S* s, int64_t sc, int cn) {
@@ -64,11 +80,34 @@ struct DevIO {
   }
 };
 
+// Forward / grad input: one block per output tile (cc::ConvBlock), two phases per frame step.
 template <class S, bool VEC, bool BWD>
-__global__ void __launch_bounds__(kThreads, 2) _causal_dwconv3d_kernel(const cc::ConvParams p, int64_t total) {
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (tid >= total) return;
-  cc::conv_thread<DevIO<S, VEC>, cc::kV, cc::conv_pw(VEC, BWD), BWD>(p, tid);
+__global__ void __launch_bounds__(cc::kConvThreads, 2) _causal_dwconv3d_kernel(const cc::ConvParams p, int64_t s_lo,
+                                                                              int64_t s_a, int64_t s_b, int64_t s_hi) {
+  using Blk = cc::ConvBlock<DevIO<S, VEC>, VEC, BWD>;
+  __shared__ __align__(16) float tile[Blk::Tile::kSmem];
+  typename Blk::Thread th;
+  typename Blk::Stager st;
+  Blk::setup(p, blockIdx.x, threadIdx.x, th, st);
+  // |s| < 2^30 (make_conv_params). The steady steps [s_a, s_b) run in a loop of their own.
+  for (int32_t s = static_cast<int32_t>(s_lo); s < s_a; ++s) {
+    Blk::template stage<false>(p, st, s, tile);
+    __syncthreads();
+    Blk::template compute<false>(p, th, s, tile);
+    __syncthreads();  // the next step's staging overwrites the tile
+  }
+  for (int32_t s = static_cast<int32_t>(s_a); s < s_b; ++s) {
+    Blk::template stage<true>(p, st, s, tile);
+    __syncthreads();
+    Blk::template compute<true>(p, th, s, tile);
+    __syncthreads();
+  }
+  for (int32_t s = static_cast<int32_t>(s_b); s < s_hi; ++s) {
+    Blk::template stage<false>(p, st, s, tile);
+    __syncthreads();
+    Blk::template compute<false>(p, th, s, tile);
+    __syncthreads();
+  }
 }
 
 // Block (32 channel groups) x (kWY pixel groups): each thread's sums over its rows and frames are added
@@ -128,16 +167,16 @@ void launch_conv(const KernelArgs& a) {
   const cc::ConvParams p = cc::make_conv_params(a, BWD);
   if (p.B * p.H * p.W * p.C == 0) return;
   set_device(a);
+  int64_t ncb, nwb, nhb, blocks, s_lo, s_a, s_b, s_hi;
+  cc::conv_grid<BWD>(p, ncb, nwb, nhb, blocks);
+  cc::conv_steps(p, BWD, s_lo, s_a, s_b, s_hi);
+  const unsigned grid = blocks_for(blocks, 1, a);
   dispatch_float(a.t(0).dtype, a.name, [&](auto tag) {
     using S = decltype(tag);
-    const bool vec = cc::conv_vec_ok(p, cc::kV, sizeof(S));
-    const int pw = vec ? cc::conv_pw(true, BWD) : cc::conv_pw(false, BWD);
-    const int64_t total = p.B * p.H * ((p.W + pw - 1) / pw) * ((p.C + cc::kV - 1) / cc::kV);
-    const unsigned grid = blocks_for(total, kThreads, a);
-    if (vec)
-      _causal_dwconv3d_kernel<S, true, BWD><<<grid, kThreads, 0, stream_of(a)>>>(p, total);
+    if (cc::conv_vec_ok(p, sizeof(S)))
+      _causal_dwconv3d_kernel<S, true, BWD><<<grid, cc::kConvThreads, 0, stream_of(a)>>>(p, s_lo, s_a, s_b, s_hi);
     else
-      _causal_dwconv3d_kernel<S, false, BWD><<<grid, kThreads, 0, stream_of(a)>>>(p, total);
+      _causal_dwconv3d_kernel<S, false, BWD><<<grid, cc::kConvThreads, 0, stream_of(a)>>>(p, s_lo, s_a, s_b, s_hi);
     LEANVAE_CUDA_CHECK_LAUNCH(a);
   });
 }
