@@ -5,12 +5,13 @@
 Compiles the source with setup.py's nvcc flags (`-cubin`, sm_90), disassembles it with cuobjdump (the
 pip wheel nvidia-cuda-cuobjdump, or the toolkit's), and prints one row per kernel instantiation: ptxas
 registers / spill bytes, then, for the main frame loop (the loop, found from its backward branch, that
-holds the most FFMA; of several, the shortest: the steady-state loop), static counts of its instructions: total, FFMA, global loads by width, shared-memory
-loads/stores, integer address arithmetic (IMAD.WIDE*, IADD3*, LEA*, IMAD.X, IMAD.SHL, SHF*), global bytes
-per LDG (mean width), and non-FFMA instructions per FFMA. Static counts, not a profile: a loop body with
-two copies of the tap code (the grad input's border and interior threads) counts both; the numbers are a
-prediction of cost until a GPU runs the kernels. `--rev` compiles the file as it was at a git revision
-(for a before/after table).
+holds the most FFMA; of several, the shortest: the steady-state loop), static counts of its
+instructions: total, FFMA, global loads by width (LDG, and LDGSTS: cp.async), shared-memory loads and
+stores, integer address arithmetic (IMAD.WIDE*, IADD3*, LEA*, IMAD.X, IMAD.SHL, SHF*), global bytes per
+load (mean width), and non-FFMA instructions per FFMA. Static counts, not a profile: a loop body with two
+copies of the tap code (the grad input's border and interior threads) counts both, cold branches count
+as much as hot ones; the numbers are a prediction of cost until a GPU runs the kernels. `--rev`
+compiles csrc/ as it was at a git revision (for a before/after table).
 """
 import argparse
 import collections
@@ -94,7 +95,7 @@ def census(body):
         c["total"] += 1
         if op.startswith("FFMA"):
             c["ffma"] += 1
-        elif op.startswith("LDG"):
+        elif op.startswith("LDG") and not op.startswith("LDGDEPBAR"):  # LDG, LDGSTS (cp.async)
             w = ldg_width(op)
             c[f"ldg{w}"] += 1
             c["ldg"] += 1

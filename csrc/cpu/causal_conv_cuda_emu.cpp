@@ -51,12 +51,13 @@ struct HostIO {
       if (v < cn) d[v] = s != nullptr ? s[v * sc] : from_float<S>(0.f);
   }
   template <int N>
-  static void sts(float* p, const float* f) {
-    for (int v = 0; v < N; ++v) p[v] = f[v];
+  static void stage(S* smem, const S* g, int64_t sc, int cn) {
+    if (g != nullptr) check<N>(g, sc, cn);
+    for (int v = 0; v < N; ++v) smem[v] = (g != nullptr && v < cn) ? g[v * sc] : from_float<S>(0.f);
   }
   template <int N>
-  static void lds(const float* p, float* f) {
-    for (int v = 0; v < N; ++v) f[v] = p[v];
+  static void lds(const S* p, float* f) {
+    for (int v = 0; v < N; ++v) f[v] = to_float(p[v]);
   }
 };
 
@@ -70,8 +71,9 @@ void dispatch_gpu_float(int dtype, const std::string& name, F&& f) {
   }
 }
 
-// The CUDA forward / grad-input kernel, block by block: per frame step, the staging phase for every thread
-// of the block, then the compute phase for every thread (the kernel's barriers). VEC: the vector path, whose
+// The CUDA forward / grad-input kernel, block by block, in the kernel's phases: staging of the first
+// kConvStages - 1 steps, then per step the compute phase of every thread, then the staging of step
+// s + kConvStages - 1 into the slot of step s - 1 by every thread (between steps: the kernel's barrier). VEC: the vector path, whose
 // preconditions (cc::conv_vec_ok) the CUDA launcher checks before taking it; here a call that fails them
 // raises instead of falling back, so that a test knows which path it ran.
 template <bool BWD, bool VEC>
@@ -89,18 +91,33 @@ void emulate_conv(const KernelArgs& a) {
     const int64_t before = g_vec_violations.load();
 #pragma omp parallel for num_threads(a.num_threads) schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      std::vector<float> tile(Blk::Tile::kSmem, std::nanf(""));  // never-staged reads would show as NaN
+      constexpr int kE = Blk::Tile::kElems, kS = cc::kConvStages;
+      std::vector<S> ring(kS * kE, from_float<S>(std::nanf("")));  // never-staged reads would show as NaN
       std::vector<typename Blk::Thread> th(cc::kConvThreads);
       std::vector<typename Blk::Stager> st(cc::kConvThreads);
+      const int32_t lo = static_cast<int32_t>(s_lo), hi = static_cast<int32_t>(s_hi);
       for (int t = 0; t < cc::kConvThreads; ++t) Blk::setup(p, blk, t, th[t], st[t]);
-      for (int32_t s = static_cast<int32_t>(s_lo); s < s_hi; ++s) {
-        if (s >= s_a && s < s_b) {  // the kernel's steady loop
-          for (int t = 0; t < cc::kConvThreads; ++t) Blk::template stage<true>(p, st[t], s, tile.data());
-          for (int t = 0; t < cc::kConvThreads; ++t) Blk::template compute<true>(p, th[t], s, tile.data());
-        } else {
-          for (int t = 0; t < cc::kConvThreads; ++t) Blk::template stage<false>(p, st[t], s, tile.data());
-          for (int t = 0; t < cc::kConvThreads; ++t) Blk::template compute<false>(p, th[t], s, tile.data());
+      for (int t = 0; t < cc::kConvThreads; ++t)
+        for (int i = 0; i < kS - 1 && lo + i < hi; ++i) Blk::template issue<false>(p, st[t], lo + i, ring.data() + i * kE);
+      for (int32_t s = lo; s < hi; ++s) {
+        // (the kernel's barrier: every copy of step s landed, every thread done with step s - 1)
+        S* slot = ring.data() + ((s - lo) % kS) * kE;
+        const bool steady = s >= s_a && s < s_b;  // the kernel's steady loop
+        for (int t = 0; t < cc::kConvThreads; ++t) {
+          if (steady) {
+            Blk::template compute<true>(p, th[t], s, slot);
+          } else {
+            Blk::cache_copy(p, st[t], s);
+            Blk::template compute<false>(p, th[t], s, slot);
+          }
         }
+        const int32_t sn = s + kS - 1;
+        S* next = ring.data() + ((sn - lo) % kS) * kE;
+        if (sn < hi)
+          for (int t = 0; t < cc::kConvThreads; ++t) {
+            if (steady) Blk::template issue<true>(p, st[t], sn, next);
+            else Blk::template issue<false>(p, st[t], sn, next);
+          }
       }
     }
     if (g_vec_violations.load() != before)

@@ -51,21 +51,34 @@ struct DevIO {
         if (v < cn) p[v] = from_float<S>(f[v]);
     }
   }
-  // Shared memory (float, 16-byte aligned tile; offsets multiples of N): N floats in or out.
+  // Staging of N channels (zeros when g is null) into shared memory, as storage. VEC: one asynchronous
+  // 16-byte copy (cp.async; src-size 0 fills zeros), completed by wait<>; else plain loads and stores.
   template <int N>
-  static __device__ __forceinline__ void sts(float* p, const float* f) {
+  static __device__ __forceinline__ void stage(S* smem, const S* g, int64_t sc, int cn) {
+    if (VEC) {
+      static_assert(N * sizeof(S) == 16, "16-byte chunks");
+      const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+      const void* src = g != nullptr ? static_cast<const void*>(g) : static_cast<const void*>(smem);
+      if (g != nullptr)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 16;\n" ::"r"(dst), "l"(src) : "memory");
+      else
+        *reinterpret_cast<uint4*>(smem) = make_uint4(0, 0, 0, 0);
+    } else {
 #pragma unroll
-    for (int i = 0; i < N / 4; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(f[4 * i], f[4 * i + 1], f[4 * i + 2], f[4 * i + 3]);
+      for (int v = 0; v < N; ++v) smem[v] = (g != nullptr && v < cn) ? g[v * sc] : from_float<S>(0.f);
+    }
+  }
+  static __device__ __forceinline__ void commit() {
+    if (VEC) asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
   template <int N>
-  static __device__ __forceinline__ void lds(const float* p, float* f) {
-    static_assert(N == 1 || N == 2, "the compute phase reads 1 or 2 channels");
-    if (N == 1) {
-      f[0] = *p;
-    } else {
-      const float2 v = *reinterpret_cast<const float2*>(p);
-      f[0] = v.x, f[N - 1] = v.y;
-    }
+  static __device__ __forceinline__ void wait() {
+    if (VEC) asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+  }
+  template <int N>
+  static __device__ __forceinline__ void lds(const S* p, float* f) {
+#pragma unroll
+    for (int v = 0; v < N; ++v) f[v] = to_float(p[v]);
   }
   // Bit-exact copy of cn channels (zeros when s is null); the destination has channel stride 1.
   template <int V>
@@ -80,34 +93,40 @@ struct DevIO {
   }
 };
 
-// Forward / grad input: one block per output tile (cc::ConvBlock), two phases per frame step.
+// Forward / grad input: one block per output tile (cc::ConvBlock). A ring of kConvStages staged frames: the
+// frames of the next kConvStages - 1 steps are being copied while step s computes from its own.
 template <class S, bool VEC, bool BWD>
 __global__ void __launch_bounds__(cc::kConvThreads, 2) _causal_dwconv3d_kernel(const cc::ConvParams p, int64_t s_lo,
                                                                               int64_t s_a, int64_t s_b, int64_t s_hi) {
-  using Blk = cc::ConvBlock<DevIO<S, VEC>, VEC, BWD>;
-  __shared__ __align__(16) float tile[Blk::Tile::kSmem];
+  using IO = DevIO<S, VEC>;
+  using Blk = cc::ConvBlock<IO, VEC, BWD>;
+  constexpr int kE = Blk::Tile::kElems, kS = cc::kConvStages;
+  __shared__ __align__(16) unsigned char ring_raw[kS * kE * sizeof(S)];
+  S* ring = reinterpret_cast<S*>(ring_raw);
   typename Blk::Thread th;
   typename Blk::Stager st;
   Blk::setup(p, blockIdx.x, threadIdx.x, th, st);
-  // |s| < 2^30 (make_conv_params). The steady steps [s_a, s_b) run in a loop of their own.
-  for (int32_t s = static_cast<int32_t>(s_lo); s < s_a; ++s) {
-    Blk::template stage<false>(p, st, s, tile);
-    __syncthreads();
-    Blk::template compute<false>(p, th, s, tile);
-    __syncthreads();  // the next step's staging overwrites the tile
+  // |s| < 2^30 (make_conv_params); step s uses slot (s - s_lo) % kS.
+  const int32_t lo = static_cast<int32_t>(s_lo), a = static_cast<int32_t>(s_a), b = static_cast<int32_t>(s_b),
+                hi = static_cast<int32_t>(s_hi);
+  for (int i = 0; i < kS - 1; ++i) {
+    if (lo + i < hi) Blk::template issue<false>(p, st, lo + i, ring + i * kE);
+    IO::commit();  // one group per step, empty or not, so that wait<kS - 2> means "step s has landed"
   }
-  for (int32_t s = static_cast<int32_t>(s_a); s < s_b; ++s) {
-    Blk::template stage<true>(p, st, s, tile);
-    __syncthreads();
-    Blk::template compute<true>(p, th, s, tile);
-    __syncthreads();
-  }
-  for (int32_t s = static_cast<int32_t>(s_b); s < s_hi; ++s) {
-    Blk::template stage<false>(p, st, s, tile);
-    __syncthreads();
-    Blk::template compute<false>(p, th, s, tile);
-    __syncthreads();
-  }
+  auto step = [&](int32_t s, auto steady) {
+    IO::template wait<kS - 2>();
+    __syncthreads();  // every thread's copies of step s are visible; every thread is done with step s - 1
+    constexpr bool kSteady = decltype(steady)::value;
+    if (!kSteady) Blk::cache_copy(p, st, s);
+    Blk::template compute<kSteady>(p, th, s, ring + ((s - lo) % kS) * kE);
+    const int32_t sn = s + kS - 1;  // into the slot of step s - 1; steady steps have s >= 0
+    if (sn < hi) Blk::template issue<kSteady>(p, st, sn, ring + ((sn - lo) % kS) * kE);
+    IO::commit();
+  };
+  // The steady steps [a, b) run in a loop of their own.
+  for (int32_t s = lo; s < a; ++s) step(s, cc::Bool<false>());
+  for (int32_t s = a; s < b; ++s) step(s, cc::Bool<true>());
+  for (int32_t s = b; s < hi; ++s) step(s, cc::Bool<false>());
 }
 
 // Block (32 channel groups) x (kWY pixel groups): each thread's sums over its rows and frames are added

@@ -71,6 +71,11 @@ struct WgradParams {
 
 LV_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+template <bool B>
+struct Bool {
+  static constexpr bool value = B;
+};
+
 // Output frame t's temporal tap i reads frame t - off + i (off = 2 causal, 1 group); in group mode a tap past
 // the end of t's group (or of the call) reads zeros instead.
 // 32-bit division (the host checks T and G < 2^30): a 64-bit one is a long subroutine on the GPU.
@@ -150,8 +155,11 @@ struct ConvTile {
   static constexpr int TW = kConvPG * PW;           // output pixels per block
   static constexpr int TR = kConvRows + 2;          // staged rows
   static constexpr int TC = TW + 2;                 // staged pixels per row
-  static constexpr int kSmem = TR * TC * kConvCh;   // floats of shared memory
+  static constexpr int kElems = TR * TC * kConvCh;  // elements of one staged frame
 };
+// Staged frames in flight: the ring of shared-memory tiles holds the frames of steps s .. s + kConvStages - 1
+// (compute reads step s while the copies of the next kConvStages - 1 frames are under way).
+constexpr int kConvStages = 4;
 
 // Blocks of a launch: ((b * nhb + hb) * nwb + wb) * ncb + cb.
 template <bool BWD>
@@ -255,33 +263,49 @@ struct ConvBlock {
         for (int v = 0; v < V; ++v) th.acc[k][px][v] = th.init[v];
   }
 
-  // Phase 1 of step s: the frame's tile into shared memory; forward, also the new cache's bit-exact copy of
-  // the frame's interior chunks (each output position is interior to exactly one block).
-  template <bool STEADY>
-  static LV_HD void stage(const ConvParams& p, const Stager& st, int32_t s, float* tile) {
+  // Staging of step s (a frame of the cache, of src, or past the end: zeros) into `slot` of the ring; on the
+  // vector path asynchronous 16-byte copies (cp.async) that the kernel waits for before the step's compute
+  // phase.
+  // NONNEG: the caller knows s >= 0 (no cache frame).
+  template <bool NONNEG>
+  static LV_HD void issue(const ConvParams& p, const Stager& st, int32_t s, S* slot) {
     const int32_t n = p.G > 0 ? 1 : 2, T = static_cast<int32_t>(p.T);
-    if (!STEADY && !BWD && s < 0) {  // a frame of the cache (at most two steps): offsets computed here, 64-bit
-      stage_aux(p, st, s + n, tile);
+    if (!NONNEG && !BWD && s < 0) {  // a frame of the cache (at most two steps): offsets computed here, 64-bit
+      issue_aux(p, st, s + n, slot);
       return;
     }
-    const S* frame = STEADY || s < T ? static_cast<const S*>(p.src.data) + st.src_b + s * p.src.s[1] : nullptr;
+    const S* frame = s < T ? static_cast<const S*>(p.src.data) + st.src_b + s * p.src.s[1] : nullptr;
     LV_UNROLL
     for (int it = 0; it < kIters; ++it) {
       const int q = st.t + it * kConvThreads;
       if (kChunks % kConvThreads != 0 && q >= kChunks) break;
-      float v[VL];
-      if ((STEADY || frame != nullptr) && st.cn[it] > 0) {
-        IO::template load<VL>(frame + st.off[it], p.src.s[4], st.cn[it], v);
-      } else {
-        LV_UNROLL
-        for (int i = 0; i < VL; ++i) v[i] = 0.f;
-      }
-      IO::template sts<VL>(tile + q * VL, v);
+      const bool in = frame != nullptr && st.cn[it] > 0;
+      IO::template stage<VL>(slot + q * VL, in ? frame + st.off[it] : nullptr, p.src.s[4], st.cn[it]);
     }
-    if (!STEADY && !BWD && s >= T - n && frame != nullptr) copy_to_cache(p, st, s - (T - n), frame, p.src.s, st.off);
   }
 
-  static LV_HD void stage_aux(const ConvParams& p, const Stager& st, int32_t a, float* tile) {
+  // Forward, general steps: the new cache holds the last n frames of cat(cache or zeros, x), copied bit for
+  // bit from the frame of step s (a cache frame when T < n), by the threads that stage the chunks of the
+  // block's own output positions (each output position belongs to exactly one block).
+  static LV_HD void cache_copy(const ConvParams& p, const Stager& st, int32_t s) {
+    const int32_t n = p.G > 0 ? 1 : 2, T = static_cast<int32_t>(p.T);
+    if (BWD || s < T - n || s >= T) return;
+    if (s >= 0) {
+      copy_to_cache(p, st, s - (T - n), static_cast<const S*>(p.src.data) + st.src_b + s * p.src.s[1], p.src.s, st.off);
+      return;
+    }
+    const S* frame = p.aux.data ? static_cast<const S*>(p.aux.data) + st.aux_b + (s + n) * p.aux.s[1] : nullptr;
+    int64_t off[kIters];
+    LV_UNROLL
+    for (int it = 0; it < kIters; ++it) {
+      int r, x, cc;
+      chunk_pos(st.t + it * kConvThreads, r, x, cc);
+      off[it] = (st.h0 - 1 + r) * p.aux.s[2] + (st.w0 - 1 + x) * p.aux.s[3] + (st.c0 + cc * VL) * p.aux.s[4];
+    }
+    copy_to_cache(p, st, s - (T - n), frame, p.aux.s, off);
+  }
+
+  static LV_HD void issue_aux(const ConvParams& p, const Stager& st, int32_t a, S* slot) {
     const S* frame = p.aux.data ? static_cast<const S*>(p.aux.data) + st.aux_b + a * p.aux.s[1] : nullptr;
     int64_t off[kIters];
     LV_UNROLL
@@ -292,22 +316,13 @@ struct ConvBlock {
       int r, x, cc;
       chunk_pos(q, r, x, cc);
       off[it] = (st.h0 - 1 + r) * p.aux.s[2] + (st.w0 - 1 + x) * p.aux.s[3] + (st.c0 + cc * VL) * p.aux.s[4];
-      float v[VL];
-      if (frame != nullptr && st.cn[it] > 0) {
-        IO::template load<VL>(frame + off[it], p.aux.s[4], st.cn[it], v);
-      } else {
-        LV_UNROLL
-        for (int i = 0; i < VL; ++i) v[i] = 0.f;
-      }
-      IO::template sts<VL>(tile + q * VL, v);
+      const bool in = frame != nullptr && st.cn[it] > 0;
+      IO::template stage<VL>(slot + q * VL, in ? frame + off[it] : nullptr, p.aux.s[4], st.cn[it]);
     }
-    // The new cache holds the last n frames of cat(cache or zeros, x): when T < n, cache frames too.
-    const int32_t n = p.G > 0 ? 1 : 2, T = static_cast<int32_t>(p.T), s = a - n;
-    if (s >= T - n) copy_to_cache(p, st, s - (T - n), frame, p.aux.s, off);
   }
 
   // The chunks of the block's own output positions (staged rows 1..kConvRows, pixels 1..TW) of a frame
-  // (null: zeros) into frame `slot` of the new cache, bit for bit.
+  // (null: zeros) into frame `slot` of the new cache.
   template <class O>
   static LV_HD void copy_to_cache(const ConvParams& p, const Stager& st, int32_t slot, const S* frame,
                                   const int64_t* fs, const O* off) {
@@ -326,7 +341,7 @@ struct ConvBlock {
 
   // Phase 2 of step s: the thread's taps from the staged tile, then its complete slot 0 to memory.
   template <bool STEADY>
-  static LV_HD void compute(const ConvParams& p, Thread& th, int32_t s, const float* tile) {
+  static LV_HD void compute(const ConvParams& p, Thread& th, int32_t s, const S* tile) {
     if (!th.active) return;
     const int32_t T = static_cast<int32_t>(p.T), G = static_cast<int32_t>(p.G), h = th.h, w0 = th.w0;
     const int32_t off = (STEADY || G == 0) ? 2 : 1, n = off;  // steady steps are causal
@@ -346,7 +361,7 @@ struct ConvBlock {
     }
     auto& acc = th.acc;
     const auto& wr = th.wr;
-    const float* rows = tile + th.tile_off;
+    const S* rows = tile + th.tile_off;
     LV_UNROLL
     for (int j = 0; j < 3; ++j) {
       float xv[PW + 2][V];
@@ -407,7 +422,7 @@ struct ConvBlock {
   // frame o; grad input: grad_y of frame o), then (grad input) the grad of the new cache frame that holds
   // frame o.
   template <bool STEADY>
-  static LV_HD void store(const ConvParams& p, const Thread& th, S* dst, int64_t dw, int32_t o, const float* tile) {
+  static LV_HD void store(const ConvParams& p, const Thread& th, S* dst, int64_t dw, int32_t o, const S* tile) {
     const int32_t n = (STEADY || p.G == 0) ? 2 : 1, qn = o - (static_cast<int32_t>(p.T) - n);
     // The causal forward's output o is the frame staged at this step: its residual is the tile's centre row.
     const bool res_tile = !BWD && n == 2 && p.residual;
