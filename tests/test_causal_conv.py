@@ -330,6 +330,22 @@ def test_cuda_access_paths_agree_bit_for_bit(group_size, dtype):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("access", list(EMULATIONS))
+@pytest.mark.parametrize("group_size", [0, 2])
+def test_cuda_three_row_slab_gives_the_whole_frames_row(access, group_size):
+    """What the halo rows rely on (ops/causal_conv.py, _with_halos): the kernels run on rows r-1..r+1 of a
+    frame (and of its cache) give row r of the call on the whole frame bit for bit, whatever row tile r
+    falls in (here the first and last rows of a 4-row tile, and a row inside one)."""
+    shape, dtype = (1, 5, 10, 13, 40), torch.bfloat16
+    fwd = EMULATIONS[access][0]
+    x, weight, bias, cache = _inputs(shape, dtype, cache_frames=1 if group_size else 2)
+    y, _ = fwd(x, weight, bias, cache, True, group_size)
+    for r in (3, 4, 6):
+        ys, _ = fwd(x[:, :, r - 1 : r + 2].contiguous(), weight, bias, cache[:, :, r - 1 : r + 2].contiguous(), True,
+                    group_size)
+        assert torch.equal(ys[:, :, 1], y[:, :, r]), r
+
+
 @pytest.mark.parametrize("kind", ["channel_offset", "odd_pixel_stride", "transposed"])
 def test_cuda_vector_path_refuses_misaligned_views(kind):
     """What the CUDA launcher sends to the scalar path (cc::conv_vec_ok): a view whose start is not 16-byte
