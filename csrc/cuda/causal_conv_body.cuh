@@ -18,11 +18,12 @@
 
 #include "common/kernel_args.h"
 
+#include <cmath>
+
 #ifdef __CUDACC__
 #define LV_HD __host__ __device__ __forceinline__
 #define LV_UNROLL _Pragma("unroll")
 #else
-#include <cmath>
 #define LV_HD inline
 #define LV_UNROLL
 #endif
