@@ -1,15 +1,15 @@
-// Per-thread bodies of the CUDA causal depthwise 3x3x3 conv kernels (csrc/cuda/causal_conv.cu).
+// Block and thread bodies of the CUDA causal depthwise 3x3x3 conv kernels (csrc/cuda/causal_conv.cu).
 //
-// Written to compile as host C++ too (no CUDA headers; storage access goes through an `IO` class given by
-// the includer), so that csrc/cpu/causal_conv_cuda_emu.cpp can run exactly this index logic on the CPU in
-// the test suite: the only CUDA-specific parts left untested without a GPU are the launch configuration,
-// the shared-memory reduction and the vector loads.
+// Written to compile as host C++ too (no CUDA headers; storage and shared-memory access go through an `IO`
+// class given by the includer), so that csrc/cpu/causal_conv_cuda_emu.cpp can run exactly this logic on
+// the CPU in the test suite, block by block and phase by phase: the only CUDA-specific parts left
+// untested without a GPU are the launch configuration, the barriers and cp.async waits, the weight
+// gradient's shared-memory reduction and the vector loads themselves.
 //
-// Thread layout (forward and grad input): a thread owns V consecutive channels of PW consecutive pixels of
-// one row (b, h), and walks the frames once: each frame's 3 rows x (PW + 2) columns are read once (the
-// neighbouring threads' overlaps hit L1) and feed three rolling accumulators, one per output frame the
-// frame touches. The 27 taps of its channels stay in registers. Accumulation order per output: bias, then
-// taps (i, j, k) lexicographically, whatever frame a tap reads: chunked calls reproduce a full call.
+// Forward and grad input: ConvBlock below (a block stages each frame's tile of input in shared memory,
+// its threads compute from it). Grad weight: wgrad_thread (a thread owns kV channels of kWPW pixels of a
+// few rows). Accumulation order per output: bias, then taps (i, j, k) lexicographically, whatever frame a
+// tap reads: chunked calls reproduce a full call.
 #pragma once
 #include <cstdint>
 #include <stdexcept>
@@ -121,21 +121,23 @@ LV_HD void load_row(float (&xv)[PW + 2][V], const typename IO::storage* frame, c
 }
 
 // Forward (BWD = false) and grad input (BWD = true): one thread block per tile of output, kConvRows rows x
-// ConvTile::TW pixels x kConvCh channels of one batch item, walking the frames. Each frame step has two
-// phases separated by a barrier (__syncthreads on the GPU; the host emulation runs each phase for every
-// thread of the block in turn, csrc/cpu/causal_conv_cuda_emu.cpp):
-//  1. stage: the block's threads copy the frame's (rows + 2) x (TW + 2) x kConvCh input tile (the spatial
-//     halo included, zeros outside the frame) into shared memory as float, in chunks of 16 bytes of
-//     storage (VL channels: 8 for 16-bit types, 4 for float32), one 16-byte load each where the host
-//     proved that the layout allows it (VEC), else element by element with any strides. A thread's chunks
-//     are the same every frame, so their in-frame offsets are computed once (32-bit under VEC: the host
-//     checks that a frame's offsets fit) and each frame adds one frame pointer. An input element is read
-//     from global memory once per tile that needs it: (rows + 2) / rows x (TW + 2) / TW times per frame.
-//  2. compute: a thread owns kConvV channels of PW consecutive pixels of one row (a warp's lanes along the
-//     channels, so that its shared-memory reads are contiguous and conflict-free), reads its 3 rows x
-//     (PW + 2) pixels from the tile and feeds three rolling accumulators, one per output frame the frame
-//     touches; the 27 taps of its channels stay in registers. Slot 0 is then complete and stored; the
-//     causal forward's residual (x of the frame just staged) comes from the tile too.
+// ConvTile::TW pixels x kConvCh channels of one batch item, walking the frames. Two kinds of work, ordered by
+// barriers (__syncthreads on the GPU; the host emulation, csrc/cpu/causal_conv_cuda_emu.cpp, runs each for
+// every thread of the block in turn):
+//  - issue (staging): the block's threads copy a frame's (rows + 2) x (TW + 2) x kConvCh input tile (the
+//    spatial halo included, zeros outside the frame) into a slot of a ring of kConvStages shared-memory
+//    tiles, as storage, in chunks of 16 bytes (VL channels: 8 for 16-bit types, 4 for float32): one
+//    asynchronous 16-byte copy (cp.async) each where the host proved that the layout allows it (VEC), else
+//    element by element with any strides. A thread's chunks are the same every frame, so their in-frame
+//    offsets are computed once (32-bit under VEC: the host checks that a frame's offsets fit) and each
+//    frame adds one frame pointer. An input element is read from global memory once per tile that needs
+//    it: (rows + 2) / rows x (TW + 2) / TW times per frame. The frames of the next kConvStages - 1 steps
+//    are in flight while a step computes.
+//  - compute: a thread owns kConvV channels of PW consecutive pixels of one row (a warp's lanes along the
+//    channels, so that its shared-memory reads are contiguous and conflict-free), reads its 3 rows x
+//    (PW + 2) pixels from the step's tile and feeds three rolling accumulators, one per output frame the
+//    frame touches; the 27 taps of its channels stay in registers. Slot 0 is then complete and stored; the
+//    causal forward's residual (x of the frame of this step) comes from the tile too.
 // Forward: step s over source frames -n .. T+1-off; slot k holds output s + off - 2 + k (tap i = 2 - k).
 // Grad input: step s over grad_y frames 0 .. T+off-1; slot k holds output e = s - off + k (tap i = k, where the
 // forward tap (s, k) is valid); e < 0 is the grad of cache frame e + n.
