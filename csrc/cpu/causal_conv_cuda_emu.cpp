@@ -2,9 +2,13 @@
 // host and run thread by thread on the CPU, with the same arguments as the CUDA kernels. Registered as
 // "<kernel>_cudaemu" in the CPU module; used only by the test suite, so that the index logic of the CUDA
 // kernels (launched on machines without a GPU nowhere else) is checked against the reference everywhere.
+// The forward / grad-input kernels cooperate through shared memory: their blocks run phase by phase here.
 // Not a fast path: plain loops, one emulated thread at a time per OpenMP worker.
 #include <omp.h>
 
+#include <atomic>
+#include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "cpu_common.h"
@@ -16,22 +20,44 @@ namespace {
 
 namespace cc = ::leanvae::causal_conv;
 
-template <class S>
+// Storage access of the emulated kernels, element by element. VEC: the vector path's preconditions, which
+// the CUDA kernel relies on for its wide loads and stores (channel stride 1, all N channels present, the
+// address aligned to N elements), are checked at every access; a violation is counted and the call raises.
+std::atomic<int64_t> g_vec_violations{0};
+
+template <class S, bool VEC = false>
 struct HostIO {
   using storage = S;
-  template <int V>
-  static void load(const S* p, int64_t sc, int cn, float* f) {
-    for (int v = 0; v < V; ++v) f[v] = v < cn ? to_float(p[v * sc]) : 0.f;
+  template <int N>
+  static void check(const S* p, int64_t sc, int cn) {
+    if (VEC && (sc != 1 || cn != N || reinterpret_cast<uintptr_t>(p) % (N * sizeof(S)) != 0)) ++g_vec_violations;
   }
-  template <int V>
+  template <int N>
+  static void load(const S* p, int64_t sc, int cn, float* f) {
+    check<N>(p, sc, cn);
+    for (int v = 0; v < N; ++v) f[v] = v < cn ? to_float(p[v * sc]) : 0.f;
+  }
+  template <int N>
   static void store(S* p, int cn, const float* f) {
-    for (int v = 0; v < V; ++v)
+    check<N>(p, 1, cn);
+    for (int v = 0; v < N; ++v)
       if (v < cn) p[v] = from_float<S>(f[v]);
   }
-  template <int V>
+  template <int N>
   static void copy(S* d, const S* s, int64_t sc, int cn) {
-    for (int v = 0; v < V; ++v)
+    check<N>(d, 1, cn);
+    if (s != nullptr) check<N>(s, sc, cn);
+    for (int v = 0; v < N; ++v)
       if (v < cn) d[v] = s != nullptr ? s[v * sc] : from_float<S>(0.f);
+  }
+  template <int N>
+  static void stage(S* smem, const S* g, int64_t sc, int cn) {
+    if (g != nullptr) check<N>(g, sc, cn);
+    for (int v = 0; v < N; ++v) smem[v] = (g != nullptr && v < cn) ? g[v * sc] : from_float<S>(0.f);
+  }
+  template <int N>
+  static void lds(const S* p, float* f) {
+    for (int v = 0; v < N; ++v) f[v] = to_float(p[v]);
   }
 };
 
@@ -45,17 +71,57 @@ void dispatch_gpu_float(int dtype, const std::string& name, F&& f) {
   }
 }
 
-// VEC: the thread layout (pixels per thread) of the CUDA kernel's vector path, else of its scalar path; the
-// storage access is the scalar one either way (HostIO).
+// The CUDA forward / grad-input kernel, block by block, in the kernel's phases: staging of the first
+// kConvStages - 1 steps, then per step the compute phase of every thread, then the staging of step
+// s + kConvStages - 1 into the slot of step s - 1 by every thread (between steps: the kernel's barrier). VEC: the vector path, whose
+// preconditions (cc::conv_vec_ok) the CUDA launcher checks before taking it; here a call that fails them
+// raises instead of falling back, so that a test knows which path it ran.
 template <bool BWD, bool VEC>
 void emulate_conv(const KernelArgs& a) {
-  constexpr int PW = cc::conv_pw(VEC, BWD);
   const cc::ConvParams p = cc::make_conv_params(a, BWD);
-  const int64_t total = p.B * p.H * ((p.W + PW - 1) / PW) * ((p.C + cc::kV - 1) / cc::kV);
+  int64_t ncb, nwb, nhb, blocks, s_lo, s_a, s_b, s_hi;
+  cc::conv_grid<BWD>(p, ncb, nwb, nhb, blocks);
+  cc::conv_steps(p, BWD, s_lo, s_a, s_b, s_hi);
   dispatch_gpu_float(a.t(0).dtype, a.name, [&](auto tag) {
     using S = decltype(tag);
+    using Blk = cc::ConvBlock<HostIO<S, VEC>, VEC, BWD>;
+    if (VEC && !cc::conv_vec_ok(p, sizeof(S)))
+      throw std::invalid_argument(a.name + ": the vector path needs channel stride 1, C and strides multiples of " +
+                                  std::to_string(16 / sizeof(S)) + ", 16-byte aligned tensors");
+    const int64_t before = g_vec_violations.load();
 #pragma omp parallel for num_threads(a.num_threads) schedule(static)
-    for (int64_t tid = 0; tid < total; ++tid) cc::conv_thread<HostIO<S>, cc::kV, PW, BWD>(p, tid);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      constexpr int kE = Blk::Tile::kElems, kS = cc::kConvStages;
+      std::vector<S> ring(kS * kE, from_float<S>(std::nanf("")));  // never-staged reads would show as NaN
+      std::vector<typename Blk::Thread> th(cc::kConvThreads);
+      std::vector<typename Blk::Stager> st(cc::kConvThreads);
+      const int32_t lo = static_cast<int32_t>(s_lo), hi = static_cast<int32_t>(s_hi);
+      for (int t = 0; t < cc::kConvThreads; ++t) Blk::setup(p, blk, t, th[t], st[t]);
+      for (int t = 0; t < cc::kConvThreads; ++t)
+        for (int i = 0; i < kS - 1 && lo + i < hi; ++i) Blk::template issue<false>(p, st[t], lo + i, ring.data() + i * kE);
+      for (int32_t s = lo; s < hi; ++s) {
+        // (the kernel's barrier: every copy of step s landed, every thread done with step s - 1)
+        S* slot = ring.data() + ((s - lo) % kS) * kE;
+        const bool steady = s >= s_a && s < s_b;  // the kernel's steady loop
+        for (int t = 0; t < cc::kConvThreads; ++t) {
+          if (steady) {
+            Blk::template compute<true>(p, th[t], s, slot);
+          } else {
+            Blk::cache_copy(p, st[t], s);
+            Blk::template compute<false>(p, th[t], s, slot);
+          }
+        }
+        const int32_t sn = s + kS - 1;
+        S* next = ring.data() + ((sn - lo) % kS) * kE;
+        if (sn < hi)
+          for (int t = 0; t < cc::kConvThreads; ++t) {
+            if (steady) Blk::template issue<true>(p, st[t], sn, next);
+            else Blk::template issue<false>(p, st[t], sn, next);
+          }
+      }
+    }
+    if (g_vec_violations.load() != before)
+      throw std::logic_error(a.name + ": a vector-path access broke its alignment preconditions");
   });
 }
 
@@ -111,7 +177,8 @@ void bwd_weight_emu(const KernelArgs& a) {
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_fwd_cudaemu", fwd_emu);
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_input_cudaemu", bwd_input_emu);
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_weight_cudaemu", bwd_weight_emu);
-// The vector path's thread layout (its grad weight has the same layout as the scalar path's).
+// The vector path (16-byte access; raises on inputs the CUDA launcher sends to the scalar path). Its grad
+// weight is the scalar path's.
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_fwd_cudaemu_vec", fwd_vec_emu);
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_input_cudaemu_vec", bwd_input_vec_emu);
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_weight_cudaemu_vec", bwd_weight_emu);

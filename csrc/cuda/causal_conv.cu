@@ -3,8 +3,8 @@
 // weight/bias as fixed per-block partial sums reduced in a fixed order (deterministic).
 //
 // The per-thread work lives in causal_conv_body.cuh, shared with a host build that the tests run on the
-// CPU (csrc/cpu/causal_conv_cuda_emu.cpp). Here: storage access (vector loads where the layout allows),
-// launches, and the block reduction of the weight grad.
+// CPU (csrc/cpu/causal_conv_cuda_emu.cpp). Here: storage access (16-byte loads where the layout allows,
+// shared memory), the kernels' phase loops and barriers, launches, and the block reduction of the weight grad.
 #include <cstdint>
 
 #include "causal_conv_body.cuh"
@@ -51,6 +51,35 @@ struct DevIO {
         if (v < cn) p[v] = from_float<S>(f[v]);
     }
   }
+  // Staging of N channels (zeros when g is null) into shared memory, as storage. VEC: one asynchronous
+  // 16-byte copy (cp.async; src-size 0 fills zeros), completed by wait<>; else plain loads and stores.
+  template <int N>
+  static __device__ __forceinline__ void stage(S* smem, const S* g, int64_t sc, int cn) {
+    if (VEC) {
+      static_assert(N * sizeof(S) == 16, "16-byte chunks");
+      const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+      const void* src = g != nullptr ? static_cast<const void*>(g) : static_cast<const void*>(smem);
+      if (g != nullptr)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 16;\n" ::"r"(dst), "l"(src) : "memory");
+      else
+        *reinterpret_cast<uint4*>(smem) = make_uint4(0, 0, 0, 0);
+    } else {
+#pragma unroll
+      for (int v = 0; v < N; ++v) smem[v] = (g != nullptr && v < cn) ? g[v * sc] : from_float<S>(0.f);
+    }
+  }
+  static __device__ __forceinline__ void commit() {
+    if (VEC) asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
+  template <int N>
+  static __device__ __forceinline__ void wait() {
+    if (VEC) asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+  }
+  template <int N>
+  static __device__ __forceinline__ void lds(const S* p, float* f) {
+#pragma unroll
+    for (int v = 0; v < N; ++v) f[v] = to_float(p[v]);
+  }
   // Bit-exact copy of cn channels (zeros when s is null); the destination has channel stride 1.
   template <int V>
   static __device__ __forceinline__ void copy(S* d, const S* s, int64_t sc, int cn) {
@@ -64,11 +93,40 @@ struct DevIO {
   }
 };
 
+// Forward / grad input: one block per output tile (cc::ConvBlock). A ring of kConvStages staged frames: the
+// frames of the next kConvStages - 1 steps are being copied while step s computes from its own.
 template <class S, bool VEC, bool BWD>
-__global__ void __launch_bounds__(kThreads, 2) _causal_dwconv3d_kernel(const cc::ConvParams p, int64_t total) {
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (tid >= total) return;
-  cc::conv_thread<DevIO<S, VEC>, cc::kV, cc::conv_pw(VEC, BWD), BWD>(p, tid);
+__global__ void __launch_bounds__(cc::kConvThreads, 2) _causal_dwconv3d_kernel(const cc::ConvParams p, int64_t s_lo,
+                                                                              int64_t s_a, int64_t s_b, int64_t s_hi) {
+  using IO = DevIO<S, VEC>;
+  using Blk = cc::ConvBlock<IO, VEC, BWD>;
+  constexpr int kE = Blk::Tile::kElems, kS = cc::kConvStages;
+  __shared__ __align__(16) unsigned char ring_raw[kS * kE * sizeof(S)];
+  S* ring = reinterpret_cast<S*>(ring_raw);
+  typename Blk::Thread th;
+  typename Blk::Stager st;
+  Blk::setup(p, blockIdx.x, threadIdx.x, th, st);
+  // |s| < 2^30 (make_conv_params); step s uses slot (s - s_lo) % kS.
+  const int32_t lo = static_cast<int32_t>(s_lo), a = static_cast<int32_t>(s_a), b = static_cast<int32_t>(s_b),
+                hi = static_cast<int32_t>(s_hi);
+  for (int i = 0; i < kS - 1; ++i) {
+    if (lo + i < hi) Blk::template issue<false>(p, st, lo + i, ring + i * kE);
+    IO::commit();  // one group per step, empty or not, so that wait<kS - 2> means "step s has landed"
+  }
+  auto step = [&](int32_t s, auto steady) {
+    IO::template wait<kS - 2>();
+    __syncthreads();  // every thread's copies of step s are visible; every thread is done with step s - 1
+    constexpr bool kSteady = decltype(steady)::value;
+    if (!kSteady) Blk::cache_copy(p, st, s);
+    Blk::template compute<kSteady>(p, th, s, ring + ((s - lo) % kS) * kE);
+    const int32_t sn = s + kS - 1;  // into the slot of step s - 1; steady steps have s >= 0
+    if (sn < hi) Blk::template issue<kSteady>(p, st, sn, ring + ((sn - lo) % kS) * kE);
+    IO::commit();
+  };
+  // The steady steps [a, b) run in a loop of their own.
+  for (int32_t s = lo; s < a; ++s) step(s, cc::Bool<false>());
+  for (int32_t s = a; s < b; ++s) step(s, cc::Bool<true>());
+  for (int32_t s = b; s < hi; ++s) step(s, cc::Bool<false>());
 }
 
 // Block (32 channel groups) x (kWY pixel groups): each thread's sums over its rows and frames are added
@@ -128,16 +186,16 @@ void launch_conv(const KernelArgs& a) {
   const cc::ConvParams p = cc::make_conv_params(a, BWD);
   if (p.B * p.H * p.W * p.C == 0) return;
   set_device(a);
+  int64_t ncb, nwb, nhb, blocks, s_lo, s_a, s_b, s_hi;
+  cc::conv_grid<BWD>(p, ncb, nwb, nhb, blocks);
+  cc::conv_steps(p, BWD, s_lo, s_a, s_b, s_hi);
+  const unsigned grid = blocks_for(blocks, 1, a);
   dispatch_float(a.t(0).dtype, a.name, [&](auto tag) {
     using S = decltype(tag);
-    const bool vec = cc::conv_vec_ok(p, cc::kV, sizeof(S));
-    const int pw = vec ? cc::conv_pw(true, BWD) : cc::conv_pw(false, BWD);
-    const int64_t total = p.B * p.H * ((p.W + pw - 1) / pw) * ((p.C + cc::kV - 1) / cc::kV);
-    const unsigned grid = blocks_for(total, kThreads, a);
-    if (vec)
-      _causal_dwconv3d_kernel<S, true, BWD><<<grid, kThreads, 0, stream_of(a)>>>(p, total);
+    if (cc::conv_vec_ok(p, sizeof(S)))
+      _causal_dwconv3d_kernel<S, true, BWD><<<grid, cc::kConvThreads, 0, stream_of(a)>>>(p, s_lo, s_a, s_b, s_hi);
     else
-      _causal_dwconv3d_kernel<S, false, BWD><<<grid, kThreads, 0, stream_of(a)>>>(p, total);
+      _causal_dwconv3d_kernel<S, false, BWD><<<grid, cc::kConvThreads, 0, stream_of(a)>>>(p, s_lo, s_a, s_b, s_hi);
     LEANVAE_CUDA_CHECK_LAUNCH(a);
   });
 }

@@ -1,21 +1,24 @@
-// Per-thread bodies of the CUDA causal depthwise 3x3x3 conv kernels (csrc/cuda/causal_conv.cu).
+// Block and thread bodies of the CUDA causal depthwise 3x3x3 conv kernels (csrc/cuda/causal_conv.cu).
 //
-// Written to compile as host C++ too (no CUDA headers; storage access goes through an `IO` class given by
-// the includer), so that csrc/cpu/causal_conv_cuda_emu.cpp can run exactly this index logic on the CPU in
-// the test suite: the only CUDA-specific parts left untested without a GPU are the launch configuration,
-// the shared-memory reduction and the vector loads.
+// Written to compile as host C++ too (no CUDA headers; storage and shared-memory access go through an `IO`
+// class given by the includer), so that csrc/cpu/causal_conv_cuda_emu.cpp can run exactly this logic on
+// the CPU in the test suite, block by block and phase by phase: the only CUDA-specific parts left
+// untested without a GPU are the launch configuration, the barriers and cp.async waits, the weight
+// gradient's shared-memory reduction and the vector loads themselves.
 //
-// Thread layout (forward and grad input): a thread owns V consecutive channels of PW consecutive pixels of
-// one row (b, h), and walks the frames once: each frame's 3 rows x (PW + 2) columns are read once (the
-// neighbouring threads' overlaps hit L1) and feed three rolling accumulators, one per output frame the
-// frame touches. The 27 taps of its channels stay in registers. Accumulation order per output: bias, then
-// taps (i, j, k) lexicographically, whatever frame a tap reads: chunked calls reproduce a full call.
+// Forward and grad input: ConvBlock below (a block stages each frame's tile of input in shared memory,
+// its threads compute from it). Grad weight: wgrad_thread (a thread owns kV channels of kWPW pixels of a
+// few rows). Accumulation order per output: bias, then taps (i, j, k) lexicographically, whatever frame a
+// tap reads: chunked calls reproduce a full call.
 #pragma once
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common/kernel_args.h"
+
+#include <cmath>
 
 #ifdef __CUDACC__
 #define LV_HD __host__ __device__ __forceinline__
@@ -25,21 +28,22 @@
 #define LV_UNROLL
 #endif
 
+// acc + w * x rounded once: what nvcc makes of the update (an FFMA), written out so that the host build
+// rounds the same way in every instantiation (a host compiler contracts `acc += w * x` into an FMA in some
+// code paths and not in others, so the emulated steady and general loops, and the emulated chunked and
+// whole calls, would differ in the last bit).
+#ifdef __CUDA_ARCH__
+#define LV_FMA(w, x, acc) __fmaf_rn((w), (x), (acc))
+#else
+#define LV_FMA(w, x, acc) std::fma((w), (x), (acc))
+#endif
+
 namespace leanvae {
 namespace causal_conv {
 
 constexpr int kV = 2;    // channels per thread
 constexpr int kWPW = 2;  // grad weight: pixels per thread, along W
 constexpr int kWY = 16;  // grad weight: threads along W per block (a block covers kWY * kWPW = 32 pixels)
-
-// Forward and grad input: pixels per thread along W, per path (vector or scalar storage access). Chosen so
-// that no path spills under __launch_bounds__(256, 2) (128 registers) with nvcc 13 for sm_90, as
-// tests/test_causal_conv.py checks with ptxas: the 27 weight pairs (54 registers) and 3 x PW x V
-// accumulators leave little room, and ptxas's allocation is not monotonic in PW (the grad input spilled
-// 8-16 bytes at 4 pixels on the vector path and 136-144 at 2 on the scalar one; 0 at the values below).
-// Per-output accumulation order does not depend on PW (with nvcc contracting each update to an FMA, the
-// same bits; the host emulation's compiler contracts the grad input differently per instantiation).
-constexpr int conv_pw(bool vec, bool bwd) { return !vec ? 3 : (bwd ? 2 : 4); }
 
 struct Frames {
   const void* data = nullptr;  // null: absent (reads as zeros)
@@ -67,6 +71,11 @@ struct WgradParams {
 };
 
 LV_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <bool B>
+struct Bool {
+  static constexpr bool value = B;
+};
 
 // Output frame t's temporal tap i reads frame t - off + i (off = 2 causal, 1 group); in group mode a tap past
 // the end of t's group (or of the call) reads zeros instead.
@@ -111,81 +120,261 @@ LV_HD void load_row(float (&xv)[PW + 2][V], const typename IO::storage* frame, c
   }
 }
 
-// Forward (BWD = false) and grad input (BWD = true); `tid` = ((b * H + h) * n_pixel_groups + wg) * n_channel_groups
-// + cv. Forward: step s over source frames -n .. T+1-off; slot k holds output s + off - 2 + k (tap i = 2 - k).
+// Forward (BWD = false) and grad input (BWD = true): one thread block per tile of output, kConvRows rows x
+// ConvTile::TW pixels x kConvCh channels of one batch item, walking the frames. Two kinds of work, ordered by
+// barriers (__syncthreads on the GPU; the host emulation, csrc/cpu/causal_conv_cuda_emu.cpp, runs each for
+// every thread of the block in turn):
+//  - issue (staging): the block's threads copy a frame's (rows + 2) x (TW + 2) x kConvCh input tile (the
+//    spatial halo included, zeros outside the frame) into a slot of a ring of kConvStages shared-memory
+//    tiles, as storage, in chunks of 16 bytes (VL channels: 8 for 16-bit types, 4 for float32): one
+//    asynchronous 16-byte copy (cp.async) each where the host proved that the layout allows it (VEC), else
+//    element by element with any strides. A thread's chunks are the same every frame, so their in-frame
+//    offsets are computed once (32-bit under VEC: the host checks that a frame's offsets fit) and each
+//    frame adds one frame pointer. An input element is read from global memory once per tile that needs
+//    it: (rows + 2) / rows x (TW + 2) / TW times per frame. The frames of the next kConvStages - 1 steps
+//    are in flight while a step computes.
+//  - compute: a thread owns kConvV channels of PW consecutive pixels of one row (a warp's lanes along the
+//    channels, so that its shared-memory reads are contiguous and conflict-free), reads its 3 rows x
+//    (PW + 2) pixels from the step's tile and feeds three rolling accumulators, one per output frame the
+//    frame touches; the 27 taps of its channels stay in registers. Slot 0 is then complete and stored; the
+//    causal forward's residual (x of the frame of this step) comes from the tile too.
+// Forward: step s over source frames -n .. T+1-off; slot k holds output s + off - 2 + k (tap i = 2 - k).
 // Grad input: step s over grad_y frames 0 .. T+off-1; slot k holds output e = s - off + k (tap i = k, where the
-// forward tap (s, k) is valid); e < 0 is the grad of cache frame e + n. After a step, slot 0 is complete.
-template <class IO, int V, int PW, bool BWD>
-LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
+// forward tap (s, k) is valid); e < 0 is the grad of cache frame e + n.
+// Accumulation order per output: bias, then taps (i, j, k) lexicographically, whatever frame a tap reads and
+// whatever the tiling: chunked calls reproduce a full call, and the vector and scalar paths agree bit for bit.
+constexpr int kConvThreads = 256;  // 8 warps
+constexpr int kConvV = 1;          // channels per thread in the compute phase
+constexpr int kConvCh = 32 * kConvV;  // channels per block: a warp's 32 lanes x kConvV
+constexpr int kConvRows = 4;       // output rows per block
+constexpr int kConvPG = 2;         // pixel groups per row: kConvRows * kConvPG = 8 warps
+
+// PW: pixels per thread along W. One channel per thread keeps its 27 taps in 27 registers, which leaves room
+// for 3 x PW accumulators, the PW + 2 staged inputs of a row and the staging under __launch_bounds__(256, 2)
+// (128 registers) with nvcc 13 for sm_90, without spills (tests/test_causal_conv.py checks it with ptxas).
+template <bool BWD>
+struct ConvTile {
+  static constexpr int PW = 4;
+  static constexpr int TW = kConvPG * PW;           // output pixels per block
+  static constexpr int TR = kConvRows + 2;          // staged rows
+  static constexpr int TC = TW + 2;                 // staged pixels per row
+  static constexpr int kElems = TR * TC * kConvCh;  // elements of one staged frame
+};
+// Staged frames in flight: the ring of shared-memory tiles holds the frames of steps s .. s + kConvStages - 1
+// (compute reads step s while the copies of the next kConvStages - 1 frames are under way).
+constexpr int kConvStages = 4;
+
+// Blocks of a launch: ((b * nhb + hb) * nwb + wb) * ncb + cb.
+template <bool BWD>
+LV_HD void conv_grid(const ConvParams& p, int64_t& ncb, int64_t& nwb, int64_t& nhb, int64_t& blocks) {
+  ncb = (p.C + kConvCh - 1) / kConvCh;
+  nwb = (p.W + ConvTile<BWD>::TW - 1) / ConvTile<BWD>::TW;
+  nhb = (p.H + kConvRows - 1) / kConvRows;
+  blocks = p.B * nhb * nwb * ncb;
+}
+
+// The frame steps s of a launch, lo <= s < hi, and within them the steady ones, a <= s < b: in causal mode
+// (G = 0) the steps whose frame is in x, whose three slots all take their tap, whose complete output is a
+// frame of y, and (forward) whose frame is not copied to the new cache. The kernels run the steady steps in
+// a lean loop of their own (ConvBlock's STEADY = true), the few others in the general one.
+LV_HD void conv_steps(const ConvParams& p, bool bwd, int64_t& lo, int64_t& a, int64_t& b, int64_t& hi) {
+  const int off = p.G > 0 ? 1 : 2;
+  lo = bwd ? 0 : -off;
+  hi = bwd ? p.T + off : p.T + 2 - off;
+  a = b = lo;
+  if (p.G == 0) {
+    a = bwd ? imin(2, p.T) : 0;
+    b = bwd ? p.T : (p.T > 2 ? p.T - 2 : 0);
+    if (b < a) b = a;
+  }
+}
+
+template <class IO, bool VEC, bool BWD>
+struct ConvBlock {
   using S = typename IO::storage;
-  const int64_t ncv = (p.C + V - 1) / V, nwg = (p.W + PW - 1) / PW;
-  int64_t cv, wg, h, b;
-  split_index(tid, ncv, nwg, p.H, cv, wg, h, b);
-  if (b >= p.B) return;
-  const int64_t c0 = cv * V, w0 = wg * PW, T = p.T;
-  const int cn = static_cast<int>(imin(V, p.C - c0));
-  const int off = p.G > 0 ? 1 : 2, n = off;
+  using Tile = ConvTile<BWD>;
+  static constexpr int PW = Tile::PW, V = kConvV;
+  static constexpr int VL = static_cast<int>(16 / sizeof(S));  // channels per 16-byte chunk
+  static constexpr int kChunkPx = kConvCh / VL;                 // chunks per staged pixel
+  static constexpr int kChunks = Tile::TR * Tile::TC * kChunkPx;
+  static constexpr int kIters = (kChunks + kConvThreads - 1) / kConvThreads;
+  // In-frame offsets of the staged chunks: 32-bit where the host proved that they fit (conv_vec_ok).
+  using Off = typename std::conditional<VEC, int32_t, int64_t>::type;
 
-  float wr[27][V];
-  LV_UNROLL
-  for (int tap = 0; tap < 27; ++tap)
-    LV_UNROLL
-    for (int v = 0; v < V; ++v) wr[tap][v] = v < cn ? p.w27[tap * p.C + c0 + v] : 0.f;
-  float init[V];
-  LV_UNROLL
-  for (int v = 0; v < V; ++v) init[v] = (p.bias != nullptr && v < cn) ? p.bias[c0 + v] : 0.f;
-  float acc[3][PW][V];
-  LV_UNROLL
-  for (int k = 0; k < 3; ++k)
-    LV_UNROLL
-    for (int px = 0; px < PW; ++px)
-      LV_UNROLL
-      for (int v = 0; v < V; ++v) acc[k][px][v] = init[v];
+  // Indices are 32-bit (make_conv_params checks T, H, W, C < 2^30); element offsets are 64-bit.
+  struct Stager {
+    int64_t b, src_b, aux_b;  // the batch item, and its element offsets in src and aux
+    int32_t h0, w0, c0;    // the block's first output row, pixel and channel
+    int32_t t;             // thread index in the block
+    Off off[kIters];       // in-frame offset of each of the thread's chunks in src
+    int8_t cn[kIters];     // its channels inside the frame (0: halo outside the frame, or no chunk)
+  };
+  struct Thread {
+    float wr[27][V], init[V], acc[3][PW][V];
+    int64_t b;
+    int32_t h, w0, c0, cn, nw;  // nw: its pixels inside the frame
+    int32_t tile_off;           // its first staged pixel (row h-1, pixel w0-1) in the tile
+    bool active, edge;
+  };
 
-  const S* src = static_cast<const S*>(p.src.data) + b * p.src.s[0];
-  const S* aux = p.aux.data ? static_cast<const S*>(p.aux.data) + b * p.aux.s[0] : nullptr;
-  const bool edge = BWD && (h == 0 || h == p.H - 1 || w0 == 0 || w0 + PW >= p.W);
-  const int64_t s_lo = BWD ? 0 : -n, s_hi = BWD ? T + off : T + 2 - off;
-  for (int64_t s = s_lo; s < s_hi; ++s) {
-    const S* frame;
-    const int64_t* fs;
-    if (!BWD && s < 0) {
-      frame = aux ? aux + (s + n) * p.aux.s[1] : nullptr;
-      fs = p.aux.s;
-    } else {
-      frame = s < T ? src + s * p.src.s[1] : nullptr;
-      fs = p.src.s;
+  // Chunk q of the tile: staged row r, staged pixel x, chunk cc of channels; chunk q sits at q * VL in the
+  // tile, and consecutive threads take consecutive chunks (contiguous in a channels-last frame).
+  static LV_HD void chunk_pos(int q, int& r, int& x, int& cc) {
+    cc = q % kChunkPx;
+    x = (q / kChunkPx) % Tile::TC;
+    r = q / (kChunkPx * Tile::TC);
+  }
+
+  static LV_HD void setup(const ConvParams& p, int64_t blk, int t, Thread& th, Stager& st) {
+    int64_t ncb, nwb, nhb, blocks, cb, wb, hb, b;
+    conv_grid<BWD>(p, ncb, nwb, nhb, blocks);
+    split_index(blk, ncb, nwb, nhb, cb, wb, hb, b);
+    st.b = b, st.src_b = b * p.src.s[0], st.aux_b = b * p.aux.s[0];
+    st.h0 = static_cast<int32_t>(hb * kConvRows), st.w0 = static_cast<int32_t>(wb * Tile::TW);
+    st.c0 = static_cast<int32_t>(cb * kConvCh), st.t = t;
+    LV_UNROLL
+    for (int it = 0; it < kIters; ++it) {
+      const int q = t + it * kConvThreads;
+      int r, x, cc;
+      chunk_pos(q, r, x, cc);
+      const int64_t hh = st.h0 - 1 + r, w = st.w0 - 1 + x, c = st.c0 + cc * VL;
+      const bool in = q < kChunks && hh >= 0 && hh < p.H && w >= 0 && w < p.W && c < p.C;
+      st.cn[it] = static_cast<int8_t>(in ? imin(VL, p.C - c) : 0);
+      st.off[it] = static_cast<Off>(in ? hh * p.src.s[2] + w * p.src.s[3] + c * p.src.s[4] : 0);
     }
+    const int lane = t % 32, row = (t / 32) / kConvPG, pg = (t / 32) % kConvPG;
+    th.b = b;
+    th.h = st.h0 + row;
+    th.w0 = st.w0 + pg * PW;
+    th.c0 = st.c0 + lane * V;
+    th.tile_off = (row * Tile::TC + pg * PW) * kConvCh + lane * V;
+    th.active = b < p.B && th.h < p.H && th.w0 < p.W && th.c0 < p.C;
+    th.cn = th.active ? static_cast<int32_t>(imin(V, p.C - th.c0)) : 0;
+    th.nw = th.active ? static_cast<int32_t>(imin(PW, p.W - th.w0)) : 0;
+    th.edge = BWD && (th.h == 0 || th.h == p.H - 1 || th.w0 == 0 || th.w0 + PW >= p.W);
+    LV_UNROLL
+    for (int tap = 0; tap < 27; ++tap)
+      LV_UNROLL
+      for (int v = 0; v < V; ++v) th.wr[tap][v] = v < th.cn ? p.w27[tap * p.C + th.c0 + v] : 0.f;
+    LV_UNROLL
+    for (int v = 0; v < V; ++v) th.init[v] = (p.bias != nullptr && v < th.cn) ? p.bias[th.c0 + v] : 0.f;
+    LV_UNROLL
+    for (int k = 0; k < 3; ++k)
+      LV_UNROLL
+      for (int px = 0; px < PW; ++px)
+        LV_UNROLL
+        for (int v = 0; v < V; ++v) th.acc[k][px][v] = th.init[v];
+  }
+
+  // Staging of step s (a frame of the cache, of src, or past the end: zeros) into `slot` of the ring; on the
+  // vector path asynchronous 16-byte copies (cp.async) that the kernel waits for before the step's compute
+  // phase.
+  // NONNEG: the caller knows s >= 0 (no cache frame).
+  template <bool NONNEG>
+  static LV_HD void issue(const ConvParams& p, const Stager& st, int32_t s, S* slot) {
+    const int32_t n = p.G > 0 ? 1 : 2, T = static_cast<int32_t>(p.T);
+    if (!NONNEG && !BWD && s < 0) {  // a frame of the cache (at most two steps): offsets computed here, 64-bit
+      issue_aux(p, st, s + n, slot);
+      return;
+    }
+    const S* frame = s < T ? static_cast<const S*>(p.src.data) + st.src_b + s * p.src.s[1] : nullptr;
+    LV_UNROLL
+    for (int it = 0; it < kIters; ++it) {
+      const int q = st.t + it * kConvThreads;
+      if (kChunks % kConvThreads != 0 && q >= kChunks) break;
+      const bool in = frame != nullptr && st.cn[it] > 0;
+      IO::template stage<VL>(slot + q * VL, in ? frame + st.off[it] : nullptr, p.src.s[4], st.cn[it]);
+    }
+  }
+
+  // Forward, general steps: the new cache holds the last n frames of cat(cache or zeros, x), copied bit for
+  // bit from the frame of step s (a cache frame when T < n), by the threads that stage the chunks of the
+  // block's own output positions (each output position belongs to exactly one block).
+  static LV_HD void cache_copy(const ConvParams& p, const Stager& st, int32_t s) {
+    const int32_t n = p.G > 0 ? 1 : 2, T = static_cast<int32_t>(p.T);
+    if (BWD || s < T - n || s >= T) return;
+    if (s >= 0) {
+      copy_to_cache(p, st, s - (T - n), static_cast<const S*>(p.src.data) + st.src_b + s * p.src.s[1], p.src.s, st.off);
+      return;
+    }
+    const S* frame = p.aux.data ? static_cast<const S*>(p.aux.data) + st.aux_b + (s + n) * p.aux.s[1] : nullptr;
+    int64_t off[kIters];
+    LV_UNROLL
+    for (int it = 0; it < kIters; ++it) {
+      int r, x, cc;
+      chunk_pos(st.t + it * kConvThreads, r, x, cc);
+      off[it] = (st.h0 - 1 + r) * p.aux.s[2] + (st.w0 - 1 + x) * p.aux.s[3] + (st.c0 + cc * VL) * p.aux.s[4];
+    }
+    copy_to_cache(p, st, s - (T - n), frame, p.aux.s, off);
+  }
+
+  static LV_HD void issue_aux(const ConvParams& p, const Stager& st, int32_t a, S* slot) {
+    const S* frame = p.aux.data ? static_cast<const S*>(p.aux.data) + st.aux_b + a * p.aux.s[1] : nullptr;
+    int64_t off[kIters];
+    LV_UNROLL
+    for (int it = 0; it < kIters; ++it) {
+      const int q = st.t + it * kConvThreads;
+      off[it] = 0;
+      if (kChunks % kConvThreads != 0 && q >= kChunks) break;
+      int r, x, cc;
+      chunk_pos(q, r, x, cc);
+      off[it] = (st.h0 - 1 + r) * p.aux.s[2] + (st.w0 - 1 + x) * p.aux.s[3] + (st.c0 + cc * VL) * p.aux.s[4];
+      const bool in = frame != nullptr && st.cn[it] > 0;
+      IO::template stage<VL>(slot + q * VL, in ? frame + off[it] : nullptr, p.aux.s[4], st.cn[it]);
+    }
+  }
+
+  // The chunks of the block's own output positions (staged rows 1..kConvRows, pixels 1..TW) of a frame
+  // (null: zeros) into frame `slot` of the new cache.
+  template <class O>
+  static LV_HD void copy_to_cache(const ConvParams& p, const Stager& st, int32_t slot, const S* frame,
+                                  const int64_t* fs, const O* off) {
+    S* cache = static_cast<S*>(p.ocache) + st.b * p.oc_s[0] + static_cast<int64_t>(slot) * p.oc_s[1];
+    LV_UNROLL
+    for (int it = 0; it < kIters; ++it) {
+      const int q = st.t + it * kConvThreads;
+      if (kChunks % kConvThreads != 0 && q >= kChunks) break;
+      int r, x, cc;
+      chunk_pos(q, r, x, cc);
+      if (st.cn[it] > 0 && r >= 1 && r <= kConvRows && x >= 1 && x <= Tile::TW)
+        IO::template copy<VL>(cache + (st.h0 - 1 + r) * p.oc_s[2] + (st.w0 - 1 + x) * p.oc_s[3] + st.c0 + cc * VL,
+                              frame != nullptr ? frame + off[it] : nullptr, fs[4], st.cn[it]);
+    }
+  }
+
+  // Phase 2 of step s: the thread's taps from the staged tile, then its complete slot 0 to memory.
+  template <bool STEADY>
+  static LV_HD void compute(const ConvParams& p, Thread& th, int32_t s, const S* tile) {
+    if (!th.active) return;
+    const int32_t T = static_cast<int32_t>(p.T), G = static_cast<int32_t>(p.G), h = th.h, w0 = th.w0;
+    const int32_t off = (STEADY || G == 0) ? 2 : 1, n = off;  // steady steps are causal
     // Which slots this frame feeds: a real output (forward: 0 <= o < T; grad input: e >= 0, or a cache frame
     // when there is a cache) through a valid tap.
     bool valid[3];
     LV_UNROLL
     for (int k = 0; k < 3; ++k) {
-      if (BWD) {
-        valid[k] = s < T && tap_valid(s, k, T, p.G) && (s - off + k >= 0 || p.ocache != nullptr);
+      if (STEADY) {
+        valid[k] = true;
+      } else if (BWD) {
+        valid[k] = s < T && tap_valid(s, k, T, G) && (s - off + k >= 0 || p.ocache != nullptr);
       } else {
-        const int64_t o = s + off - 2 + k;
-        valid[k] = o >= 0 && o < T && tap_valid(o, 2 - k, T, p.G);
+        const int32_t o = s + off - 2 + k;
+        valid[k] = o >= 0 && o < T && tap_valid(o, 2 - k, T, G);
       }
     }
+    auto& acc = th.acc;
+    const auto& wr = th.wr;
+    const S* rows = tile + th.tile_off;
     LV_UNROLL
     for (int j = 0; j < 3; ++j) {
       float xv[PW + 2][V];
-      load_row<IO, V, PW>(xv, frame, fs, h + j - 1, p.H, p.W, w0, c0, cn);
-      if (!BWD && j == 1 && s >= T - n && s < T) {
-        // The new cache holds the last n frames of cat(cache or zeros, x): a bit-exact copy.
-        S* d = static_cast<S*>(p.ocache) + b * p.oc_s[0] + (s - (T - n)) * p.oc_s[1] + h * p.oc_s[2];
-        LV_UNROLL
-        for (int px = 0; px < PW; ++px)
-          if (w0 + px < p.W)
-            IO::template copy<V>(d + (w0 + px) * p.oc_s[3] + c0,
-                                 frame ? frame + h * fs[2] + (w0 + px) * fs[3] + c0 * fs[4] : nullptr, fs[4], cn);
-      }
+      LV_UNROLL
+      for (int px = 0; px < PW + 2; ++px) IO::template lds<V>(rows + (j * Tile::TC + px) * kConvCh, xv[px]);
       // Grad input skips the taps that read grad_y past the frame (the forward never had those outputs),
       // rather than multiplying zeros: with an Inf or NaN weight 0 * w is NaN. Only threads on the frame's
       // border have such taps; they take a checked copy of the loop, the others the unchecked one. The
       // forward multiplies its zero padding, as the reference's convolution of a zero-padded frame does.
-      if (BWD && edge) {
+      if (BWD && th.edge) {
         if (h + j - 1 < 0 || h + j - 1 >= p.H) continue;
         LV_UNROLL
         for (int k = 0; k < 3; ++k) {
@@ -196,7 +385,7 @@ LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
             for (int px = 0; px < PW; ++px) {
               if (w0 - 1 + px + kk < 0 || w0 - 1 + px + kk >= p.W) continue;
               LV_UNROLL
-              for (int v = 0; v < V; ++v) acc[k][px][v] += wr[k * 9 + j * 3 + kk][v] * xv[px + kk][v];
+              for (int v = 0; v < V; ++v) acc[k][px][v] = LV_FMA(wr[k * 9 + j * 3 + kk][v], xv[px + kk][v], acc[k][px][v]);
             }
         }
         continue;
@@ -210,39 +399,17 @@ LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
           LV_UNROLL
           for (int px = 0; px < PW; ++px)
             LV_UNROLL
-            for (int v = 0; v < V; ++v) acc[k][px][v] += wr[i * 9 + j * 3 + kk][v] * xv[px + kk][v];
+            for (int v = 0; v < V; ++v) acc[k][px][v] = LV_FMA(wr[i * 9 + j * 3 + kk][v], xv[px + kk][v], acc[k][px][v]);
       }
     }
-    // Slot 0 is complete: output frame o.
-    const int64_t o = BWD ? s - off : s + off - 2;
-    S* dst = nullptr;
-    if (o >= 0 && o < T)
-      dst = static_cast<S*>(p.out) + b * p.out_s[0] + o * p.out_s[1] + h * p.out_s[2];
-    else if (BWD && o < 0 && p.ocache != nullptr)
-      dst = static_cast<S*>(p.ocache) + b * p.oc_s[0] + (o + n) * p.oc_s[1] + h * p.oc_s[2];
-    if (dst != nullptr) {
-      const int64_t qn = o - (T - n);  // grad input: the grad of the new cache frame that holds frame o
-      LV_UNROLL
-      for (int px = 0; px < PW; ++px) {
-        const int64_t w = w0 + px;
-        if (w >= p.W) continue;
-        float val[V], add[V];
-        LV_UNROLL
-        for (int v = 0; v < V; ++v) val[v] = acc[0][px][v];
-        if (p.residual && o >= 0) {
-          IO::template load<V>(src + o * p.src.s[1] + h * p.src.s[2] + w * p.src.s[3] + c0 * p.src.s[4], p.src.s[4],
-                               cn, add);
-          LV_UNROLL
-          for (int v = 0; v < V; ++v) val[v] += add[v];
-        }
-        if (BWD && qn >= 0) {
-          IO::template load<V>(aux + qn * p.aux.s[1] + h * p.aux.s[2] + w * p.aux.s[3] + c0 * p.aux.s[4], p.aux.s[4],
-                               cn, add);
-          LV_UNROLL
-          for (int v = 0; v < V; ++v) val[v] += add[v];
-        }
-        IO::template store<V>(dst + w * (o >= 0 ? p.out_s[3] : p.oc_s[3]) + c0, cn, val);
-      }
+    // Slot 0 is complete: output frame o (grad input: o < 0 is the grad of cache frame o + n).
+    const int32_t o = BWD ? s - off : s + off - 2;
+    if (STEADY || (o >= 0 && o < T)) {
+      store<STEADY>(p, th, static_cast<S*>(p.out) + th.b * p.out_s[0] + o * p.out_s[1] + h * p.out_s[2] + th.c0,
+                    p.out_s[3], o, tile);
+    } else if (BWD && o < 0 && p.ocache != nullptr) {
+      store<false>(p, th, static_cast<S*>(p.ocache) + th.b * p.oc_s[0] + (o + n) * p.oc_s[1] + h * p.oc_s[2] + th.c0,
+                   p.oc_s[3], o, tile);
     }
     LV_UNROLL
     for (int px = 0; px < PW; ++px)
@@ -250,10 +417,51 @@ LV_HD void conv_thread(const ConvParams& p, int64_t tid) {
       for (int v = 0; v < V; ++v) {
         acc[0][px][v] = acc[1][px][v];
         acc[1][px][v] = acc[2][px][v];
-        acc[2][px][v] = init[v];
+        acc[2][px][v] = th.init[v];
       }
   }
-}
+
+  // Slot 0 (output frame o) to dst (pixel w0, channel c0; dw: pixel stride), plus the residual (forward: x of
+  // frame o; grad input: grad_y of frame o), then (grad input) the grad of the new cache frame that holds
+  // frame o.
+  template <bool STEADY>
+  static LV_HD void store(const ConvParams& p, const Thread& th, S* dst, int64_t dw, int32_t o, const S* tile) {
+    const int32_t n = (STEADY || p.G == 0) ? 2 : 1, qn = o - (static_cast<int32_t>(p.T) - n);
+    // The causal forward's output o is the frame staged at this step: its residual is the tile's centre row.
+    const bool res_tile = !BWD && n == 2 && p.residual;
+    const S* res = nullptr;
+    if (p.residual && o >= 0 && !res_tile)
+      res = static_cast<const S*>(p.src.data) + th.b * p.src.s[0] + o * p.src.s[1] + th.h * p.src.s[2] +
+            th.w0 * p.src.s[3] + th.c0 * p.src.s[4];
+    const S* gnc = nullptr;
+    if (!STEADY && BWD && qn >= 0)
+      gnc = static_cast<const S*>(p.aux.data) + th.b * p.aux.s[0] + qn * p.aux.s[1] + th.h * p.aux.s[2] +
+            th.w0 * p.aux.s[3] + th.c0 * p.aux.s[4];
+    dst += th.w0 * dw;
+    LV_UNROLL
+    for (int px = 0; px < PW; ++px, dst += dw) {
+      if (px >= th.nw) break;
+      float val[V], add[V];
+      LV_UNROLL
+      for (int v = 0; v < V; ++v) val[v] = th.acc[0][px][v];
+      if (res_tile) {
+        IO::template lds<V>(tile + th.tile_off + (Tile::TC + px + 1) * kConvCh, add);
+        LV_UNROLL
+        for (int v = 0; v < V; ++v) val[v] += add[v];
+      } else if (res != nullptr) {
+        IO::template load<V>(res + px * p.src.s[3], p.src.s[4], th.cn, add);
+        LV_UNROLL
+        for (int v = 0; v < V; ++v) val[v] += add[v];
+      }
+      if (gnc != nullptr) {
+        IO::template load<V>(gnc + px * p.aux.s[3], p.aux.s[4], th.cn, add);
+        LV_UNROLL
+        for (int v = 0; v < V; ++v) val[v] += add[v];
+      }
+      IO::template store<V>(dst, th.cn, val);
+    }
+  }
+};
 
 // Grad weight: thread (b, row block hb, pixel group wg, channel group cv) accumulates, over its `rows` rows
 // and all frames, acc[tap][v] = sum gy[o] * (frame read by output o through tap), acc[27] = sum gy (bias).
@@ -363,8 +571,9 @@ inline ConvParams make_conv_params(const KernelArgs& a, bool bwd) {
   ConvParams p;
   p.B = src.size(0), p.T = src.size(1), p.H = src.size(2), p.W = src.size(3), p.C = src.size(4);
   p.G = a.i(bwd ? 2 : 3);
-  if (p.T >= (int64_t(1) << 30) || p.G >= (int64_t(1) << 30))
-    throw std::invalid_argument(a.name + ": frames and group size must be < 2^30");
+  if (p.T >= (int64_t(1) << 30) || p.G >= (int64_t(1) << 30) || p.H >= (int64_t(1) << 30) ||
+      p.W >= (int64_t(1) << 30) || p.C >= (int64_t(1) << 30))
+    throw std::invalid_argument(a.name + ": frames, rows, columns, channels and group size must be < 2^30");
   p.src = frames_of(src);
   p.aux = frames_of(a.t(1), bwd || a.i(0) != 0);
   p.w27 = a.t(2).ptr<const float>();
@@ -381,14 +590,26 @@ inline ConvParams make_conv_params(const KernelArgs& a, bool bwd) {
   return p;
 }
 
-inline bool conv_vec_ok(const ConvParams& p, int V, int elem_size) {
+// Whether the conv kernels may take their vector path (ConvBlock<IO, true, BWD>): 16-byte chunks of every
+// input, output and cache (channel stride 1, C and the other strides multiples of 16 bytes' worth of
+// elements, 16-byte aligned base pointers), and every in-frame offset of the source below 2^31 (the
+// staging keeps them in 32 bits).
+inline bool conv_vec_ok(const ConvParams& p, int elem_size) {
+  const int VL = 16 / elem_size;
   Frames out, oc;
   out.data = p.out;
   oc.data = p.ocache;
   for (int d = 0; d < 4; ++d) out.s[d] = p.out_s[d], oc.s[d] = p.oc_s[d];
   out.s[4] = oc.s[4] = 1;
-  return vec_ok(p.src, p.C, V, elem_size) && vec_ok(p.aux, p.C, V, elem_size) && vec_ok(out, p.C, V, elem_size) &&
-         vec_ok(oc, p.C, V, elem_size);
+  if (!(vec_ok(p.src, p.C, VL, elem_size) && vec_ok(p.aux, p.C, VL, elem_size) && vec_ok(out, p.C, VL, elem_size) &&
+        vec_ok(oc, p.C, VL, elem_size)))
+    return false;
+  int64_t span = 0;
+  for (int d = 2; d < 5; ++d) {
+    if (p.src.s[d] < 0) return false;
+    span += (d == 2 ? p.H - 1 : d == 3 ? p.W - 1 : p.C - 1) * p.src.s[d];
+  }
+  return span < (int64_t(1) << 31);
 }
 
 // Grad weight: tensors [x, cache, grad_y, gw27 (27, C) float, gb (C,) float, part (n_parts, 28, C) float],

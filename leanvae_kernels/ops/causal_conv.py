@@ -23,7 +23,7 @@ tap reads the cache or x. The weight/bias gradients are reductions over B*T*H*W 
 partial sums added in a fixed order: deterministic, independent of the thread count.
 
 Chain of names (CRAFT.md): kernels `_causal_dwconv3d_kernel` / `_causal_dwconv3d_wgrad_kernel` (Triton,
-CUDA; CUDA per-thread bodies `conv_thread` / `wgrad_thread` in csrc/cuda/causal_conv_body.cuh) and
+CUDA; CUDA block / thread bodies `ConvBlock` / `wgrad_thread` in csrc/cuda/causal_conv_body.cuh) and
 `conv_frames` / `conv_weight_grad` (csrc/cpu/causal_conv.cpp) -> native kernels "causal_dwconv3d_fwd",
 "causal_dwconv3d_bwd_input", "causal_dwconv3d_bwd_weight" / Triton launchers of the same names ->
 `torch.ops.leanvae.causal_dwconv3d` (+ `causal_dwconv3d_backward`) -> `causal_dwconv3d()` below ->
