@@ -183,3 +183,43 @@ def test_compile_fullgraph():
 def test_bad_input(arg, exc, match, backend):
     with pytest.raises(exc, match=match):
         lk.geglu(arg, backend=backend)
+
+
+# ------------------------------------------------------------------------- in the fused feed-forward
+def test_ffd_runs_the_fused_op_on_every_path(monkeypatch):
+    """The autograd path and the chunked inference path both call the op (and still match the model)."""
+    import leanvae.fused.ffd as fused_ffd
+    from leanvae.modules import ffd as make_ffd
+
+    calls = []
+    real = fused_ffd.geglu
+
+    def counting(u, *, backend=None):
+        calls.append(backend)
+        return real(u, backend=backend)
+
+    monkeypatch.setattr(fused_ffd, "geglu", counting)
+    torch.manual_seed(3)
+    m = make_ffd(128).to(DEVICE)
+    x = torch.randn(2, 40, 128, device=DEVICE)
+    with torch.no_grad():
+        ref = x + m(x)
+        out = fused_ffd.ffd_apply(m, x, residual=True, chunk_bytes=30 * 2 * 352 * 4)  # 30-row chunks: 3 calls
+    assert calls == ["cpu"] * 3 if DEVICE.type == "cpu" else len(calls) == 3
+    assert_close(out, ref, torch.float32)
+    calls.clear()
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (xr + m(xr)).sum().backward()
+    fused_ffd.ffd_apply(m, xf, residual=True).sum().backward()
+    assert len(calls) == 1
+    assert_close(xf.grad, xr.grad, torch.float32)
+
+
+def test_ffd_geglu_backend_choice():
+    from leanvae.fused.ffd import _geglu_backend
+
+    assert _geglu_backend("auto", "cpu", torch.float32) == "cpu"
+    assert _geglu_backend("cpu", "cpu", torch.bfloat16) == "cpu"
+    assert _geglu_backend("reference", "cpu", torch.float32) is None  # the torch expression
+    assert _geglu_backend("cuda", "cpu", torch.float32) is None  # no CUDA C++ GEGLU kernel
+    assert _geglu_backend("auto", "meta", torch.float32) is None
