@@ -119,6 +119,38 @@ inline void store_lanes(T* p, V v, int k) {
   }
 }
 
+// bfloat16, full vectors: the conversions as vector integer ops (the element-wise helpers of cpu_common.h
+// do not vectorise here, and bfloat16 ran at half the float32 speed with them). Same rounding as
+// from_float<BFloat16>: to nearest even, NaN kept quiet.
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+template <>
+inline V load_lanes<BFloat16>(const BFloat16* p, int k) {
+  if (k != VN) {
+    float buf[VN] = {};
+    for (int l = 0; l < k; ++l) buf[l] = load(p + l);
+    return vload(buf);
+  }
+  u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  return reinterpret_cast<V>(__builtin_convertvector(h, u32x8) << 16);
+}
+template <>
+inline void store_lanes<BFloat16>(BFloat16* p, V v, int k) {
+  if (k != VN) {
+    float buf[VN];
+    vstore(buf, v);
+    for (int l = 0; l < k; ++l) store(p + l, buf[l]);
+    return;
+  }
+  const u32x8 u = reinterpret_cast<u32x8>(v);
+  const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u32x8 quiet = (u >> 16) | 0x40u;
+  const u32x8 is_nan = reinterpret_cast<u32x8>((u & 0x7fffffffu) > 0x7f800000u);
+  const u16x8 h = __builtin_convertvector((quiet & is_nan) | (rounded & ~is_nan), u16x8);
+  std::memcpy(p, &h, sizeof(h));
+}
+
 template <class T>
 void fwd(const T* u, int64_t rs_u, T* out, int64_t rs_o, int64_t n, int64_t p, int threads) {
   const int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
