@@ -191,7 +191,7 @@ def geglu_case(case, dtype, n=4, p=13):
     return u.to(DEVICE, dtype), grad.to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b.values[0] != "cuda"])  # no CUDA C++ GEGLU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("case", sorted(GEGLU_CASES))
 def test_geglu_nonfinite_inputs_match_reference(case, dtype, backend):

@@ -25,15 +25,24 @@ namespace leanvae {
 namespace cpu {
 namespace {
 
-using V = vec_t<float>;
-using M = mask_t<float>;
-constexpr int VN = Vec<float>::n;
+// 16 floats a vector (64 bytes, wider than cpu_simd.h's 32): one zmm register where AVX-512 is enabled,
+// two ymm registers on AVX2 (GCC/Clang split generic vectors). The math is some 200 instructions per vector,
+// so the kernel is compute-bound on the CPU: on this AVX-512 machine (one thread, CPU time, a 1524-row
+// chunk of the feed-forward) the 16-lane version took 0.8x the time of the 8-lane one in float32 and
+// 0.55x in bfloat16. Nothing in the results depends on the lane count.
+typedef float V __attribute__((vector_size(64)));
+typedef int32_t M __attribute__((vector_size(64)));
+constexpr int VN = 16;
 constexpr int64_t kRowsPerTask = 16;  // rows per OpenMP work item
 
 inline V vsel(M m, V a, V b) {
   return reinterpret_cast<V>((reinterpret_cast<M>(a) & m) | (reinterpret_cast<M>(b) & ~m));
 }
-inline V vs(float s) { return vsplat(s); }
+// Every lane s (an explicit initialiser: one broadcast, and -0.0 stays -0.0).
+inline V vs(float s) { return V{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+inline V vabs16(V v) { return reinterpret_cast<V>(reinterpret_cast<M>(v) & 0x7fffffff); }
+inline V vload16(const float* p) { V v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void vstore16(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
 // exp(x) for x <= 0 (or NaN): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 Taylor
 // polynomial (truncation 5e-9 relative), times 2^n built in the exponent bits. Below -87 the result
@@ -60,7 +69,7 @@ inline V vexp_nonpos(V x) {
 // Phi(g) = (1 + erf(g / sqrt2)) / 2, absolute error a few float ulps of 1 (see the top of the file).
 inline V vphi(V g) {
   const V z = g * vs(0.70710678f);
-  const V a = vabs<float>(z);
+  const V a = vabs16(z);
   const V t = a * a;
   V p = vs(7.898209878e-05f);  // erf(a) / a, in t = a^2
   p = p * t + vs(-8.024353883e-04f);
@@ -106,12 +115,12 @@ inline V load_lanes(const T* p, int k) {
   } else {
     for (int l = 0; l < k; ++l) buf[l] = load(p + l);
   }
-  return vload(buf);
+  return vload16(buf);
 }
 template <class T>
 inline void store_lanes(T* p, V v, int k) {
   float buf[VN];
-  vstore(buf, v);
+  vstore16(buf, v);
   if (k == VN) {
     for (int l = 0; l < VN; ++l) store(p + l, buf[l]);
   } else {
@@ -122,32 +131,32 @@ inline void store_lanes(T* p, V v, int k) {
 // bfloat16, full vectors: the conversions as vector integer ops (the element-wise helpers of cpu_common.h
 // do not vectorise here, and bfloat16 ran at half the float32 speed with them). Same rounding as
 // from_float<BFloat16>: to nearest even, NaN kept quiet.
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
 template <>
 inline V load_lanes<BFloat16>(const BFloat16* p, int k) {
   if (k != VN) {
     float buf[VN] = {};
     for (int l = 0; l < k; ++l) buf[l] = load(p + l);
-    return vload(buf);
+    return vload16(buf);
   }
-  u16x8 h;
+  u16x16 h;
   std::memcpy(&h, p, sizeof(h));
-  return reinterpret_cast<V>(__builtin_convertvector(h, u32x8) << 16);
+  return reinterpret_cast<V>(__builtin_convertvector(h, u32x16) << 16);
 }
 template <>
 inline void store_lanes<BFloat16>(BFloat16* p, V v, int k) {
   if (k != VN) {
     float buf[VN];
-    vstore(buf, v);
+    vstore16(buf, v);
     for (int l = 0; l < k; ++l) store(p + l, buf[l]);
     return;
   }
-  const u32x8 u = reinterpret_cast<u32x8>(v);
-  const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const u32x8 quiet = (u >> 16) | 0x40u;
-  const u32x8 is_nan = reinterpret_cast<u32x8>((u & 0x7fffffffu) > 0x7f800000u);
-  const u16x8 h = __builtin_convertvector((quiet & is_nan) | (rounded & ~is_nan), u16x8);
+  const u32x16 u = reinterpret_cast<u32x16>(v);
+  const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u32x16 quiet = (u >> 16) | 0x40u;
+  const u32x16 is_nan = reinterpret_cast<u32x16>((u & 0x7fffffffu) > 0x7f800000u);
+  const u16x16 h = __builtin_convertvector((quiet & is_nan) | (rounded & ~is_nan), u16x16);
   std::memcpy(p, &h, sizeof(h));
 }
 
