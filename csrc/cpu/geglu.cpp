@@ -6,7 +6,7 @@
 // Float math (double for float64). The float erf/exp are our own vectorised approximations (cpu_simd.h
 // vectors), fitted for this file by least squares in float64 on Chebyshev nodes:
 //   |z| < 1:      erf(|z|) = |z| * P(z^2)                    (P: degree 6, relative error 1.4e-9)
-//   1 <= |z| < 4: erfc(|z|) = exp(-z^2) * R(1/|z|)          (R: degree 9, relative error 1.7e-8)
+//   1 <= |z| < 4: erfc(|z|) = exp(-z^2) * R((2|z| - 5) / 3)  (R: degree 12, relative error 1.9e-8)
 //   |z| >= 4:     erfc(|z|) < 2^-25: erf rounds to +-1 in float, and Phi(g) of a negative g below
 //                 -4 sqrt2 is taken as 0 (under 1.3e-8, what float's 1 + erf(z) gives as well)
 // For a negative gate Phi = erfc(|z|)/2 is computed directly, not as (1 + erf(z))/2: no cancellation, so
@@ -79,17 +79,20 @@ inline V vphi(V g) {
   p = p * t + vs(-3.761262894e-01f);
   p = p * t + vs(1.128379226e+00f);
   const V erf_small = a * p;
-  const V s = vs(1.0f) / a;    // a = 0 gives inf here: that lane takes the other branch
-  V q = vs(3.206583485e-02f);  // erfc(a) * exp(a^2), in s = 1/a
-  q = q * s + vs(-1.871951520e-01f);
-  q = q * s + vs(4.562140107e-01f);
-  q = q * s + vs(-5.615038872e-01f);
-  q = q * s + vs(2.593266070e-01f);
-  q = q * s + vs(2.187654823e-01f);
-  q = q * s + vs(-3.716936111e-01f);
-  q = q * s + vs(1.960391551e-02f);
-  q = q * s + vs(5.618857145e-01f);
-  q = q * s + vs(1.146692957e-04f);
+  const V x = a * vs(2.0f / 3) - vs(5.0f / 3);  // [1, 4] -> [-1, 1]; no division
+  V q = vs(1.244564919e-05f);  // erfc(a) * exp(a^2), in x
+  q = q * x + vs(-3.665495024e-05f);
+  q = q * x + vs(5.902049452e-05f);
+  q = q * x + vs(-1.446941023e-04f);
+  q = q * x + vs(4.099893558e-04f);
+  q = q * x + vs(-1.016381313e-03f);
+  q = q * x + vs(2.404004335e-03f);
+  q = q * x + vs(-5.567650311e-03f);
+  q = q * x + vs(1.248917542e-02f);
+  q = q * x + vs(-2.700567059e-02f);
+  q = q * x + vs(5.611051619e-02f);
+  q = q * x + vs(-1.115210056e-01f);
+  q = q * x + vs(2.108063698e-01f);
   const V erfc_big = vsel(a < vs(4.0f), vexp_nonpos(-t) * q, vs(0.0f));
   const M small = a < vs(1.0f);
   const V pos = vsel(small, vs(0.5f) + vs(0.5f) * erf_small, vs(1.0f) - vs(0.5f) * erfc_big);
