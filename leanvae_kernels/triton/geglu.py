@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 _BLOCK = 1024
-_RSQRT2 = 0.7071067811865476
-_RSQRT2PI = 0.3989422804014327
+_RSQRT2 = tl.constexpr(0.7071067811865476)  # jit functions read only constexpr globals
+_RSQRT2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
