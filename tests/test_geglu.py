@@ -3,10 +3,10 @@ and transposed inputs, gradients, gradcheck, compile, bad input. IEEE patterns a
 
 The bound (float32 math, unit roundoff u = 2^-24). gelu(g) = g * Phi(g); each backend computes Phi with an
 absolute error E_PHI and rounds a few products:
-  * cpu: erf/erfc approximations fitted to 1.4e-9 / 1.9e-8 relative (csrc/cpu/geglu.cpp), evaluated in
-    float (Horner rounding: 2.4 ulps of erf in a float32 simulation, i.e. 1.2u in Phi = erf / 2; erfc's
-    1.8e-7 relative times erfc <= 0.16 is 0.5u, halved), the rounding of z = g / sqrt2 (Phi' * |z| * u
-    <= 0.25u), the final 0.5 + 0.5 * erf (0.5u): 2.3u in all; a sweep of 2e6 gates over [-12, 12] measured
+  * cpu: erfc(a) = exp(-a^2) R(a) on a = |g| / sqrt2 < 4 (csrc/cpu/geglu.cpp), R fitted to 2.5e-8 relative
+    and evaluated in float (3.4 ulps relative in a float32 simulation: 1.7u in Phi = erfc / 2 <= 1), exp to
+    ~2u relative (1u in Phi), the rounding of z = g / sqrt2 (Phi' * |z| * u <= 0.25u), 1 - erfc / 2 (0.5u),
+    and 0 for a >= 4 (Phi < 1.3e-8 = 0.2u): under 4u in all; a sweep of 2e6 gates over [-12, 12] measured
     2.1u (with the product g * Phi's rounding).
   * triton: erf within 2 float32 ulps on a GPU (libdevice), (1 + erf) / 2 adds 0.5u: within 2u.
   E_PHI = 4u covers both. Then |out - exact| <= |v| |g| E_PHI + 2u |exact| (the products g * Phi and
