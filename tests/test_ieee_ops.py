@@ -1,4 +1,4 @@
-"""IEEE semantics of the ISTA and Haar ops (issue 10 item 10): with +Inf, -Inf and NaN in the inputs, every
+"""IEEE semantics of the ISTA, Haar and GEGLU ops (issue 10 item 10): with +Inf, -Inf and NaN in the inputs, every
 backend gives the NaN/Inf pattern of the `reference` backend, and the same finite values (within the
 table's tolerance). The soft threshold's cases are in test_soft_threshold.py.
 
@@ -148,3 +148,69 @@ def test_haar_nonfinite_inputs_match_reference(name, backend):
         assert_same_ieee(a, e, f"output {i}")
     for i, (a, e) in enumerate(zip(got_grads, ref_grads)):
         assert_same_ieee(a, e, f"grad {i}")
+
+
+# ----------------------------------------------------------------------------------------- GEGLU
+# The expected pattern is the reference's, evaluated in float64 and rounded to the input dtype (so a
+# product that overflows the dtype is +/-Inf there too). Not the float32 reference itself: torch's
+# vectorised float32 GELU on the CPU returns NaN for a +inf gate (gelu(+inf) = +inf in float64, in its
+# scalar path and in the kernels); test_geglu_float32_reference_differs_only_at_plus_inf_gates records it.
+# Finite gates stay in [-5, 5]: below about -5.5 gelu(gate) is 0 in float32 in torch (1 + erf rounds to 0)
+# and in the CPU kernel (Phi taken as 0 below -4 sqrt2) but tiny and nonzero in float64, so an infinite
+# value or gradient times it is NaN in one and +/-Inf in the other: implementation-defined, not tested.
+GEGLU_CASES = {
+    "gate_inf": ("gate", [INF]),
+    "gate_-inf": ("gate", [-INF]),
+    "gate_nan": ("gate", [NAN]),
+    "value_inf": ("value", [INF, -INF]),
+    "value_nan": ("value", [NAN]),
+    "grad_inf_nan": ("grad", [INF, -INF, NAN]),
+    "mixed": ("both", [INF, -INF, NAN]),
+    "overflow": ("big", [3e38]),
+}
+
+
+def geglu_case(case, dtype, n=4, p=13):
+    where, values = GEGLU_CASES[case]
+    gen = torch.Generator().manual_seed(7)
+    v, g = torch.randn(n, p, generator=gen), (torch.randn(n, p, generator=gen) * 2).clamp(-5, 5)
+    grad = torch.randn(n, p, generator=gen)
+    g[0, 0] = 0.0  # gelu(0) = 0: an inf value times it is NaN
+    if where in ("gate", "both"):
+        g = poke(g, values, stride=5)
+    if where in ("value", "both"):
+        v = poke(v, values + [INF], stride=7)
+    if where == "grad":
+        grad = poke(grad, values, stride=6)
+    if where == "big":  # finite inputs whose products overflow
+        v = poke(v, values * 3, stride=9)
+        g = poke(g, [1e38, -1e38, 3.0], stride=8)
+    u = torch.cat([v, g], dim=1)
+    if where == "big" and dtype == torch.float16:
+        u = u.clamp(-6e4, 6e4)  # finite in float16 (max 65504); the products still overflow
+    return u.to(DEVICE, dtype), grad.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b.values[0] != "cuda"])  # no CUDA C++ GEGLU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("case", sorted(GEGLU_CASES))
+def test_geglu_nonfinite_inputs_match_reference(case, dtype, backend):
+    u, grad = geglu_case(case, dtype)
+    (ref,), (ref_grad,) = run(lk.geglu, [u.double()], [grad.double()], "reference")
+    (out,), (got_grad,) = run(lk.geglu, [u], [grad], backend)
+    ref, ref_grad = ref.to(dtype), ref_grad.to(dtype)
+    assert pattern(ref).any() or pattern(ref_grad).any(), "the case must produce non-finite results"
+    assert_same_ieee(out, ref, "output", dtype)
+    assert_same_ieee(got_grad, ref_grad, "grad u", dtype)
+
+
+def test_geglu_float32_reference_differs_only_at_plus_inf_gates():
+    u, grad = geglu_case("mixed", torch.float32)
+    (r32,), (g32,) = run(lk.geglu, [u], [grad], "reference")
+    (r64,), (g64,) = run(lk.geglu, [u.double()], [grad.double()], "reference")
+    plus_inf_gate = u[:, 13:].isposinf()
+    assert plus_inf_gate.any()
+    keep = ~plus_inf_gate
+    assert torch.equal(pattern(r32)[:, keep], pattern(r64.float())[:, keep])
+    keep_u = torch.cat([keep, keep], dim=1)
+    assert torch.equal(pattern(g32)[:, keep_u], pattern(g64.float())[:, keep_u])

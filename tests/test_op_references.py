@@ -159,6 +159,8 @@ def _opcheck_cases():
         "ista_step_backward": [(rnd(7, 16), r, y, phi, step)],
         "soft_threshold": [(r, torch.tensor([0.1]))],
         "soft_threshold_backward": [(rnd(7, 16), r, torch.tensor([0.1]))],
+        "geglu": [(r,), (rnd(2, 3, 10).transpose(0, 1),)],
+        "geglu_backward": [(rnd(7, 8), r)],
     }
 
 

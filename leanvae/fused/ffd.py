@@ -17,6 +17,10 @@ also keeps it under glibc's 32 MB mmap threshold, so the buffers are reused from
 page-faulted in on every call (measured here: a fresh 41 MB tensor costs ~20 ms of page faults, a reused
 one ~2 ms to fill). Every token's arithmetic is the same in a chunk as in the whole.
 
+The GEGLU between the GEMMs runs as one fused op (leanvae_kernels.geglu: reads the first GEMM's output once,
+writes the activation once) when a fused backend of that op can run on the device and dtype; otherwise as the
+torch expression `F.gelu(gate) * value`.
+
     ffd_apply(ffd, x, residual)     ffd(x), or x + ffd(x) when residual; fused when `ffd` is recognised
 
 The feed-forward is a plain nn.Sequential, whose class is torch's: it is never patched itself; the fused
@@ -25,6 +29,9 @@ NAF/ResNAF forwards (leanvae/fused/peg3d.py) call ffd_apply on their `ffd_layer`
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from leanvae_kernels import _backend, geglu
+from leanvae_kernels.ops.geglu import _fwd as _geglu_backends
 
 PAD = 32  # pad the GEGLU inner width to a multiple of this
 CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}  # inference: budget for one chunk's first-GEMM output
@@ -55,10 +62,35 @@ def _padded_weights(l1, l2, inner):
     return w1, w2, p
 
 
-def ffd_apply(ffd, x, residual=False, chunk_bytes=None):
+def _geglu_backend(requested, device_type, dtype):
+    """The fused backend for the GEGLU op, or None (then the torch expression runs). requested: "auto" picks
+    the first fused backend available for the device and dtype; an explicit fused backend is used where the
+    op has it and it can run ("cuda" has no GEGLU kernel: the torch expression then); "reference" -> None."""
+    candidates = [b for b in _backend._AUTO_ORDER.get(device_type, ()) if b != "reference"] if requested == "auto" else [requested]
+    for b in candidates:
+        if b != "reference" and _geglu_backends.status(b, device_type, dtype)[0]:
+            return b
+    return None
+
+
+# A pure function of its arguments and the build: torch.compile evaluates it once when tracing (as
+# _backend._scoped_choice) instead of tracing the loader behind status().
+_geglu_backend._dynamo_marked_constant = True
+
+
+def _geglu(u, p, backend):
+    """value * gelu(gate) of u = [value | gate] (N, 2p), fused when a backend can run it."""
+    fused = _geglu_backend(_backend.resolve(backend), u.device.type, u.dtype)
+    if fused is not None:
+        return geglu(u, backend=fused)
+    return F.gelu(u[..., p:]) * u[..., :p]
+
+
+def ffd_apply(ffd, x, residual=False, chunk_bytes=None, backend=None):
     """ffd(x) (or x + ffd(x)), with padded GEMMs and the residual in the second GEMM when `ffd` is the
     published feed-forward and its dropout is inactive; otherwise the module itself. Without autograd,
-    tokens run in chunks of at most `chunk_bytes` (default CHUNK_BYTES[device]) of first-GEMM output."""
+    tokens run in chunks of at most `chunk_bytes` (default CHUNK_BYTES[device]) of first-GEMM output.
+    backend: for the GEGLU op (None: the process setting)."""
     if not is_ffd(ffd) or (ffd[3].training and ffd[3].p > 0):
         return x + ffd(x) if residual else ffd(x)
     ln, l1, l2 = ffd[0], ffd[1], ffd[4]
@@ -71,21 +103,22 @@ def ffd_apply(ffd, x, residual=False, chunk_bytes=None):
     budget = chunk_bytes if chunk_bytes is not None else CHUNK_BYTES.get(x.device.type, CHUNK_BYTES["cuda"])
     rows = max(1, budget // (2 * p * x.element_size()))
     if torch.is_grad_enabled() or autocast or n <= rows:
-        return _ffd_rows(ln, w1, w2, p, xt, residual, autocast).view(*lead, d)
+        return _ffd_rows(ln, w1, w2, p, xt, residual, autocast, backend=backend).view(*lead, d)
     out = torch.empty(n, d, dtype=x.dtype, device=x.device)
     for i in range(0, n, rows):
-        _ffd_rows(ln, w1, w2, p, xt[i : i + rows], residual, False, out=out[i : i + rows])
+        _ffd_rows(ln, w1, w2, p, xt[i : i + rows], residual, False, out=out[i : i + rows], backend=backend)
     return out.view(*lead, d)
 
 
-def _ffd_rows(ln, w1, w2, p, x, residual, autocast, out=None):
+def _ffd_rows(ln, w1, w2, p, x, residual, autocast, out=None, backend=None):
     """The feed-forward of token rows x (N, D): LayerNorm, padded GEMM, GEGLU, GEMM (+ x folded in)."""
     h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
     u = F.linear(h, w1)
     if out is not None:  # chunked inference (no autograd, never under autocast): one buffer fewer
-        g = F.gelu(u[..., p:]).mul_(u[..., :p])
+        fused = _geglu_backend(_backend.resolve(backend), u.device.type, u.dtype)
+        g = geglu(u, backend=fused) if fused is not None else F.gelu(u[..., p:]).mul_(u[..., :p])
         return torch.addmm(x, g, w2.t(), out=out) if residual else torch.mm(g, w2.t(), out=out)
-    g = F.gelu(u[..., p:]) * u[..., :p]
+    g = _geglu(u, p, backend)
     if residual and not autocast:
         return torch.addmm(x, g, w2.t())
     # Under autocast the model adds a float32 x to a low-precision ffd output; addmm would do it in the

@@ -266,7 +266,7 @@ def use_fused_kernels(model=None, *, backend="auto", haar=True, conv=True, ista=
 
     backend: "auto", "cuda", "triton", "cpu" or "reference"; an explicit backend that cannot run the
     model's ops on its device/dtype raises BackendUnavailable. haar/conv/ista: which op groups to switch;
-    ffd: the feed-forward with padded GEMMs and the residual folded in (torch's GEMMs, no custom kernel).
+    ffd: the feed-forward with padded GEMMs (torch's), the residual folded in and the fused GEGLU op where it can run.
     Returns a FusedKernelsHandle: `.revert()` restores exactly; `.replaced` lists what was switched.
     """
     backend = _backend._validate(backend)

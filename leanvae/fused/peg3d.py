@@ -90,7 +90,7 @@ def fused_naf_forward(self, x, backend=None, conv=True, ffd=True):
         peg = self.dconv_layer[i]
         fused = conv and type(peg).__name__ == "PEG3D"  # a subclass is called as a module: it may override forward
         x = _peg_call(peg, x, residual=False, backend=backend) if fused else peg(x)
-        x = ffd_apply(self.ffd_layer[i], x) if ffd else self.ffd_layer[i](x)
+        x = ffd_apply(self.ffd_layer[i], x, backend=backend) if ffd else self.ffd_layer[i](x)
     return x
 
 
@@ -101,7 +101,7 @@ def fused_resnaf_forward(self, x, backend=None, conv=True, ffd=True):
         peg = self.dconv_layer[i]
         fused = conv and type(peg).__name__ == "PEG3D"  # a subclass is called as a module: it may override forward
         x = _peg_call(peg, x, residual=True, backend=backend) if fused else x + peg(x)
-        x = ffd_apply(self.ffd_layer[i], x, residual=True) if ffd else x + self.ffd_layer[i](x)
+        x = ffd_apply(self.ffd_layer[i], x, residual=True, backend=backend) if ffd else x + self.ffd_layer[i](x)
     return x
 
 

@@ -1,5 +1,6 @@
 """The registered ops (`torch.ops.leanvae.*`), each with its pure-PyTorch reference beside it."""
 from .causal_conv import causal_dwconv3d, causal_dwconv3d_reference
+from .geglu import geglu, geglu_reference
 from .haar import (
     haar_dwt2d, haar_dwt2d_reference, haar_dwt3d, haar_dwt3d_reference, haar_idwt2d, haar_idwt2d_reference,
     haar_idwt3d, haar_idwt3d_reference, haar_patch, haar_patch_reference, haar_unpatch, haar_unpatch_reference,
