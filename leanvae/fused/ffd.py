@@ -66,6 +66,12 @@ def _geglu_backend(requested, device_type, dtype):
     """The fused backend for the GEGLU op, or None (then the torch expression runs). requested: "auto" picks
     the first fused backend available for the device and dtype; an explicit fused backend is used where the
     op has it and it can run ("cuda" has no GEGLU kernel: the torch expression then); "reference" -> None."""
+    if device_type == "cpu" and dtype in (torch.float32, torch.float64):
+        # Measured on the 2-core CPU (benchmarks/NOTES.md, GEGLU): inside the feed-forward's 16 MB chunks the op
+        # is compute-bound and ran at 0.77-0.83x the speed of torch's vectorised GELU + mul_ in float32 (one
+        # thread), and the fused float32 encode + decode at 0.98x with it; so the torch expression there. The
+        # op is kept for 16-bit CPU inputs (1.28-1.30x) and on GPUs (one pass over U instead of two and a half).
+        return None
     candidates = [b for b in _backend._AUTO_ORDER.get(device_type, ()) if b != "reference"] if requested == "auto" else [requested]
     for b in candidates:
         if b != "reference" and _geglu_backends.status(b, device_type, dtype)[0]:
