@@ -562,7 +562,10 @@ LV_HD void wgrad_thread(const WgradParams& p, int64_t b, int64_t hb, int64_t wg,
             for (int px = 0; px < PW; ++px) {
               if (!kSteady && !col_ok[px + 1]) continue;  // no output there: skipped, not 0 * x (x may be Inf)
               LV_UNROLL
-              for (int v = 0; v < V; ++v) acc[i * 9 + j * 3 + kk][v] += g[k][px][v] * xv[px + kk][v];
+              for (int v = 0; v < V; ++v) {
+                float& a = acc[i * 9 + j * 3 + kk][v];
+                a = LV_FMA(g[k][px][v], xv[px + kk][v], a);  // the GPU's FFMA, in the host build too
+              }
             }
         }
       }
