@@ -4,8 +4,9 @@
 
 Compiles the source with setup.py's nvcc flags (`-cubin`, sm_90), disassembles it with cuobjdump (the
 pip wheel nvidia-cuda-cuobjdump, or the toolkit's), and prints one row per kernel instantiation: ptxas
-registers / spill bytes, then, for the main frame loop (the loop, found from its backward branch, that
-holds the most FFMA; of several, the shortest: the steady-state loop), static counts of its
+registers / spill bytes, then, for the main frame loop (of the innermost loops, found from their backward
+branches, those holding the most FFMA, and of these the shortest: the steady-state loop; for the weight
+gradient, its steady frame loop inside the row loop), static counts of its
 instructions: total, FFMA, global loads by width (LDG, and LDGSTS: cp.async), shared-memory loads and
 stores, integer address arithmetic (IMAD.WIDE*, IADD3*, LEA*, IMAD.X, IMAD.SHL, SHF*), global bytes per
 load (mean width), and non-FFMA instructions per FFMA. Static counts, not a profile: a loop body with two
