@@ -4,8 +4,9 @@
 
 Compiles the source with setup.py's nvcc flags (`-cubin`, sm_90), disassembles it with cuobjdump (the
 pip wheel nvidia-cuda-cuobjdump, or the toolkit's), and prints one row per kernel instantiation: ptxas
-registers / spill bytes, then, for the main frame loop (the loop, found from its backward branch, that
-holds the most FFMA; of several, the shortest: the steady-state loop), static counts of its
+registers / spill bytes, then, for the main frame loop (of the innermost loops, found from their backward
+branches, those holding the most FFMA, and of these the shortest: the steady-state loop; for the weight
+gradient, its steady frame loop inside the row loop), static counts of its
 instructions: total, FFMA, global loads by width (LDG, and LDGSTS: cp.async), shared-memory loads and
 stores, integer address arithmetic (IMAD.WIDE*, IADD3*, LEA*, IMAD.X, IMAD.SHL, SHF*), global bytes per
 load (mean width), and non-FFMA instructions per FFMA. Static counts, not a profile: a loop body with two
@@ -71,10 +72,12 @@ def parse_sass(text):
 
 
 def frame_loop(insns):
-    """The instructions of the main frame loop: of the loops (backward branches) holding the most FFMA, the
-    shortest (the reworked kernels run their steady frames in a lean loop of their own and the first and
-    last frames in a general one; the original kernels have a single frame loop)."""
-    best, best_key = insns, None
+    """The instructions of the main frame loop: of the innermost loops (backward branches) that hold FFMA
+    (a loop holding another loop with FFMA, such as the weight gradient's row loop around its frame loops,
+    is not one), those with the most FFMA, and of these the shortest (the reworked kernels run their steady
+    frames in a lean loop of their own and the first and last frames in a general one; the original
+    kernels have a single frame loop)."""
+    loops = []
     for addr, op, args in insns:
         if not _BRA.match(op):
             continue
@@ -83,10 +86,13 @@ def frame_loop(insns):
             continue
         lo = int(m.group(1), 16)
         body = [i for i in insns if lo <= i[0] <= addr]
-        key = (sum(i[1].startswith("FFMA") for i in body), -len(body))
-        if best_key is None or key > best_key:
-            best, best_key = body, key
-    return best
+        ffma = sum(i[1].startswith("FFMA") for i in body)
+        if ffma:
+            loops.append((lo, addr, ffma, body))
+    inner = [l for l in loops if not any(o is not l and l[0] <= o[0] and o[1] <= l[1] for o in loops)]
+    if not inner:
+        return insns
+    return max(inner, key=lambda l: (l[2], -len(l[3])))[3]
 
 
 def census(body):

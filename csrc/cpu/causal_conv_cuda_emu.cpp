@@ -131,7 +131,9 @@ void fwd_vec_emu(const KernelArgs& a) { emulate_conv<false, true>(a); }
 void bwd_input_vec_emu(const KernelArgs& a) { emulate_conv<true, true>(a); }
 
 // The CUDA grad-weight kernel's blocks: 32 channel groups x kWY pixel groups, per-thread sums added over
-// the pixel groups in order, then the partials summed in partial order.
+// the pixel groups in order, then the partials summed in partial order. VEC_IF_OK: the launcher's choice
+// of path (vector loads and 32-bit offsets where cc::vec_ok and cc::wgrad_off32_ok hold, else scalar).
+template <bool VEC_IF_OK>
 void bwd_weight_emu(const KernelArgs& a) {
   int64_t n_parts = 0;
   const cc::WgradParams p = cc::make_wgrad_params(a, &n_parts);
@@ -140,6 +142,10 @@ void bwd_weight_emu(const KernelArgs& a) {
   const int64_t nwb = (p.W + cc::kWY * cc::kWPW - 1) / (cc::kWY * cc::kWPW), nhb = (p.H + p.rows - 1) / p.rows;
   dispatch_gpu_float(a.t(0).dtype, a.name, [&](auto tag) {
     using S = decltype(tag);
+    const bool vec = VEC_IF_OK && cc::vec_ok(p.x, p.C, cc::kV, sizeof(S)) &&
+                     cc::vec_ok(p.cache, p.C, cc::kV, sizeof(S)) && cc::vec_ok(p.gy, p.C, cc::kV, sizeof(S)) &&
+                     cc::wgrad_off32_ok(p);
+    const int64_t before = g_vec_violations.load();
 #pragma omp parallel for num_threads(a.num_threads) schedule(static)
     for (int64_t blk = 0; blk < p.B * nhb * nwb * ncvb; ++blk) {
       int64_t r = blk;
@@ -154,7 +160,10 @@ void bwd_weight_emu(const KernelArgs& a) {
         float red[28][cc::kV] = {};
         for (int ty = 0; ty < cc::kWY; ++ty) {
           float acc[28][cc::kV];
-          cc::wgrad_thread<HostIO<S>, cc::kV, cc::kWPW>(p, b, hb, wb * cc::kWY + ty, cv, acc);
+          if (vec)
+            cc::wgrad_thread<HostIO<S, true>, cc::kV, cc::kWPW, int32_t>(p, b, hb, wb * cc::kWY + ty, cv, acc);
+          else
+            cc::wgrad_thread<HostIO<S>, cc::kV, cc::kWPW, int64_t>(p, b, hb, wb * cc::kWY + ty, cv, acc);
           for (int tap = 0; tap < 28; ++tap)
             for (int v = 0; v < cc::kV; ++v) red[tap][v] = (ty == 0 ? 0.f : red[tap][v]) + acc[tap][v];
         }
@@ -163,6 +172,8 @@ void bwd_weight_emu(const KernelArgs& a) {
             if (cv * cc::kV + v < p.C) part[tap * p.C + cv * cc::kV + v] = red[tap][v];
       }
     }
+    if (g_vec_violations.load() != before)
+      throw std::logic_error(a.name + ": a vector-path access broke its alignment preconditions");
   });
   for (int64_t m = 0; m < 28 * p.C; ++m) {
     float s = 0.f;
@@ -176,12 +187,12 @@ void bwd_weight_emu(const KernelArgs& a) {
 
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_fwd_cudaemu", fwd_emu);
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_input_cudaemu", bwd_input_emu);
-LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_weight_cudaemu", bwd_weight_emu);
+LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_weight_cudaemu", bwd_weight_emu<false>);
 // The vector path (16-byte access; raises on inputs the CUDA launcher sends to the scalar path). Its grad
-// weight is the scalar path's.
+// weight takes the path the launcher would take (vector loads of kV channels and 32-bit offsets where allowed).
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_fwd_cudaemu_vec", fwd_vec_emu);
 LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_input_cudaemu_vec", bwd_input_vec_emu);
-LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_weight_cudaemu_vec", bwd_weight_emu);
+LEANVAE_REGISTER_KERNEL("causal_dwconv3d_bwd_weight_cudaemu_vec", bwd_weight_emu<true>);
 
 }  // namespace cpu
 }  // namespace leanvae

@@ -139,7 +139,9 @@ __global__ void __launch_bounds__(32 * cc::kWY, 1) _causal_dwconv3d_wgrad_kernel
   cc::split_index(blockIdx.x, ncvb, nwb, nhb, cvb, wb, hb, b);
   const int64_t cv = cvb * 32 + threadIdx.x;
   float acc[28][cc::kV];
-  cc::wgrad_thread<DevIO<S, VEC>, cc::kV, cc::kWPW>(p, b, hb, wb * cc::kWY + threadIdx.y, cv, acc);
+  // VEC: 32-bit in-frame offsets (the launcher checked cc::wgrad_off32_ok)
+  cc::wgrad_thread<DevIO<S, VEC>, cc::kV, cc::kWPW, typename std::conditional<VEC, int32_t, int64_t>::type>(
+      p, b, hb, wb * cc::kWY + threadIdx.y, cv, acc);
   __shared__ float red[28][32 * cc::kV];
   for (int y = 0; y < cc::kWY; ++y) {
     if (threadIdx.y == y) {
@@ -216,7 +218,7 @@ void causal_dwconv3d_bwd_weight_cuda(const KernelArgs& a) {
     const unsigned grid = blocks_for(p.B * nhb * nwb * ncvb, 1, a);
     const dim3 block(32, cc::kWY);
     const bool vec = cc::vec_ok(p.x, p.C, cc::kV, sizeof(S)) && cc::vec_ok(p.cache, p.C, cc::kV, sizeof(S)) &&
-                     cc::vec_ok(p.gy, p.C, cc::kV, sizeof(S));
+                     cc::vec_ok(p.gy, p.C, cc::kV, sizeof(S)) && cc::wgrad_off32_ok(p);
     if (vec)
       _causal_dwconv3d_wgrad_kernel<S, true><<<grid, block, 0, stream_of(a)>>>(p, ncvb, nwb, nhb);
     else

@@ -103,23 +103,6 @@ LV_HD void split_index(int64_t tid, int64_t n0, int64_t n1, int64_t n2, int64_t&
   }
 }
 
-// Loads row hh of `frame` (null: zeros) at pixels w0-1 .. w0+PW, channels c0 .. c0+cn-1, as float.
-template <class IO, int V, int PW>
-LV_HD void load_row(float (&xv)[PW + 2][V], const typename IO::storage* frame, const int64_t* s, int64_t hh, int64_t H,
-                    int64_t W, int64_t w0, int64_t c0, int cn) {
-  const bool row_ok = frame != nullptr && hh >= 0 && hh < H;
-  LV_UNROLL
-  for (int px = 0; px < PW + 2; ++px) {
-    const int64_t w = w0 - 1 + px;
-    if (row_ok && w >= 0 && w < W) {
-      IO::template load<V>(frame + hh * s[2] + w * s[3] + c0 * s[4], s[4], cn, xv[px]);
-    } else {
-      LV_UNROLL
-      for (int v = 0; v < V; ++v) xv[px][v] = 0.f;
-    }
-  }
-}
-
 // Forward (BWD = false) and grad input (BWD = true): one thread block per tile of output, kConvRows rows x
 // ConvTile::TW pixels x kConvCh channels of one batch item, walking the frames. Two kinds of work, ordered by
 // barriers (__syncthreads on the GPU; the host emulation, csrc/cpu/causal_conv_cuda_emu.cpp, runs each for
@@ -467,7 +450,11 @@ struct ConvBlock {
 // and all frames, acc[tap][v] = sum gy[o] * (frame read by output o through tap), acc[27] = sum gy (bias).
 // Step s walks source frames -n .. T-1; a ring holds gy of the three outputs frame s feeds (slot k: output
 // s + off - 2 + k, tap i = 2 - k). The order of additions is fixed: the result is deterministic.
-template <class IO, int V, int PW>
+// Addressing is hoisted: a thread's column offsets and column validity are computed once, its row offsets
+// once per row, and each step adds one frame pointer. Off: the in-frame offset type, int32_t only where the
+// host proved every in-frame offset of x, cache and grad_y fits (wgrad_off32_ok); offsets of rows and
+// columns outside the frame are never formed (they are not loaded), so they cannot overflow.
+template <class IO, int V, int PW, class Off = int64_t>
 LV_HD void wgrad_thread(const WgradParams& p, int64_t b, int64_t hb, int64_t wg, int64_t cv, float (&acc)[28][V]) {
   using S = typename IO::storage;
   LV_UNROLL
@@ -481,7 +468,31 @@ LV_HD void wgrad_thread(const WgradParams& p, int64_t b, int64_t hb, int64_t wg,
   const S* x = static_cast<const S*>(p.x.data) + b * p.x.s[0];
   const S* cache = p.cache.data ? static_cast<const S*>(p.cache.data) + b * p.cache.s[0] : nullptr;
   const S* gy = static_cast<const S*>(p.gy.data) + b * p.gy.s[0];
+  bool col_ok[PW + 2];  // column w0 - 1 + px inside the frame (px >= 1: output column w0 + px - 1 exists)
+  Off xcol[PW + 2], ccol[PW + 2], gcol[PW];
+  LV_UNROLL
+  for (int px = 0; px < PW + 2; ++px) {
+    const int64_t w = w0 - 1 + px;
+    col_ok[px] = w >= 0 && w < p.W;
+    xcol[px] = col_ok[px] ? static_cast<Off>(w * p.x.s[3] + c0 * p.x.s[4]) : Off(0);
+    ccol[px] = col_ok[px] && cache ? static_cast<Off>(w * p.cache.s[3] + c0 * p.cache.s[4]) : Off(0);
+    if (px >= 1 && px <= PW) gcol[px - 1] = col_ok[px] ? static_cast<Off>(w * p.gy.s[3] + c0 * p.gy.s[4]) : Off(0);
+  }
+  const bool cols_inside = w0 >= 1 && w0 + PW < p.W;
+  // Off = int64_t (any strides: the scalar path) computes each address where it is used, as the registers
+  // the hoisted offsets would take make the 64-bit path spill.
+  constexpr bool kHoist = sizeof(Off) == 4;
   for (int64_t h = hb * p.rows; h < imin(p.H, hb * p.rows + p.rows); ++h) {
+    bool row_ok[3];
+    Off xrow[3], crow[3];
+    LV_UNROLL
+    for (int j = 0; j < 3; ++j) {
+      const int64_t hh = h + j - 1;
+      row_ok[j] = hh >= 0 && hh < p.H;
+      xrow[j] = row_ok[j] ? static_cast<Off>(hh * p.x.s[2]) : Off(0);
+      crow[j] = row_ok[j] && cache ? static_cast<Off>(hh * p.cache.s[2]) : Off(0);
+    }
+    const Off grow = static_cast<Off>(h * p.gy.s[2]);
     float g[3][PW][V];
     LV_UNROLL
     for (int k = 0; k < 3; ++k)
@@ -489,14 +500,20 @@ LV_HD void wgrad_thread(const WgradParams& p, int64_t b, int64_t hb, int64_t wg,
       for (int px = 0; px < PW; ++px)
         LV_UNROLL
         for (int v = 0; v < V; ++v) g[k][px][v] = 0.f;
-    for (int64_t s = -n; s < T; ++s) {
-      const int64_t on = s + off;  // the output entering the ring (tap 0 reads frame s)
+    const S* gyf = gy;  // grad_y frame of output s + off, from output 0 (s = -n)
+    // One step; kSteady: the caller proved every check true (frame s of x, the three outputs it feeds
+    // exist, rows h - 1 .. h + 1 and columns w0 - 1 .. w0 + PW inside the frame, no group), so the steady
+    // steps run without them. Same additions in the same order either way.
+    auto step = [&](int64_t s, auto steady) {
+      constexpr bool kSteady = decltype(steady)::value;
+      const bool on_ok = kSteady || s + off < T;  // the output entering the ring (tap 0 reads frame s)
       LV_UNROLL
       for (int px = 0; px < PW; ++px) {
-        const int64_t w = w0 + px;
-        if (on < T && w < p.W) {
-          IO::template load<V>(gy + on * p.gy.s[1] + h * p.gy.s[2] + w * p.gy.s[3] + c0 * p.gy.s[4], p.gy.s[4], cn,
-                               g[2][px]);
+        if (on_ok && (kSteady || col_ok[px + 1])) {
+          if (kHoist)
+            IO::template load<V>(gyf + (grow + gcol[px]), p.gy.s[4], cn, g[2][px]);
+          else
+            IO::template load<V>(gyf + (h * p.gy.s[2] + (w0 + px) * p.gy.s[3] + c0 * p.gy.s[4]), p.gy.s[4], cn, g[2][px]);
         } else {
           LV_UNROLL
           for (int v = 0; v < V; ++v) g[2][px][v] = 0.f;
@@ -504,18 +521,37 @@ LV_HD void wgrad_thread(const WgradParams& p, int64_t b, int64_t hb, int64_t wg,
         LV_UNROLL
         for (int v = 0; v < V; ++v) acc[27][v] += g[2][px][v];
       }
+      gyf += p.gy.s[1];
       bool valid[3];
       LV_UNROLL
       for (int k = 0; k < 3; ++k) {
         const int64_t o = s + off - 2 + k;
-        valid[k] = o >= 0 && o < T && tap_valid(o, 2 - k, T, p.G);
+        valid[k] = kSteady || (o >= 0 && o < T && tap_valid(o, 2 - k, T, p.G));
       }
-      const S* frame = s >= 0 ? x + s * p.x.s[1] : (cache ? cache + (s + n) * p.cache.s[1] : nullptr);
-      const int64_t* fs = s >= 0 ? p.x.s : p.cache.s;
+      const bool in_x = kSteady || s >= 0;
+      const S* frame = in_x ? x + s * p.x.s[1] : (cache ? cache + (s + n) * p.cache.s[1] : nullptr);
+      const int64_t sc = in_x ? p.x.s[4] : p.cache.s[4];
       LV_UNROLL
       for (int j = 0; j < 3; ++j) {
         float xv[PW + 2][V];
-        load_row<IO, V, PW>(xv, frame, fs, h + j - 1, p.H, p.W, w0, c0, cn);
+        const bool r_ok = kSteady || (frame != nullptr && row_ok[j]);
+        const Off rowo = in_x ? xrow[j] : crow[j];
+        LV_UNROLL
+        for (int px = 0; px < PW + 2; ++px) {
+          if (r_ok && (kSteady || col_ok[px])) {
+            const S* src;
+            if (kHoist)
+              src = frame + (rowo + (in_x ? xcol[px] : ccol[px]));
+            else if (in_x)
+              src = frame + ((h + j - 1) * p.x.s[2] + (w0 - 1 + px) * p.x.s[3] + c0 * p.x.s[4]);
+            else
+              src = frame + ((h + j - 1) * p.cache.s[2] + (w0 - 1 + px) * p.cache.s[3] + c0 * p.cache.s[4]);
+            IO::template load<V>(src, sc, cn, xv[px]);
+          } else {
+            LV_UNROLL
+            for (int v = 0; v < V; ++v) xv[px][v] = 0.f;
+          }
+        }
         LV_UNROLL
         for (int k = 0; k < 3; ++k) {
           if (!valid[k]) continue;
@@ -524,9 +560,12 @@ LV_HD void wgrad_thread(const WgradParams& p, int64_t b, int64_t hb, int64_t wg,
           for (int kk = 0; kk < 3; ++kk)
             LV_UNROLL
             for (int px = 0; px < PW; ++px) {
-              if (w0 + px >= p.W) continue;  // no output there: skipped, not 0 * x (x may be Inf)
+              if (!kSteady && !col_ok[px + 1]) continue;  // no output there: skipped, not 0 * x (x may be Inf)
               LV_UNROLL
-              for (int v = 0; v < V; ++v) acc[i * 9 + j * 3 + kk][v] += g[k][px][v] * xv[px + kk][v];
+              for (int v = 0; v < V; ++v) {
+                float& a = acc[i * 9 + j * 3 + kk][v];
+                a = LV_FMA(g[k][px][v], xv[px + kk][v], a);  // the GPU's FFMA, in the host build too
+              }
             }
         }
       }
@@ -537,8 +576,31 @@ LV_HD void wgrad_thread(const WgradParams& p, int64_t b, int64_t hb, int64_t wg,
           g[0][px][v] = g[1][px][v];
           g[1][px][v] = g[2][px][v];
         }
+    };
+    // Steady steps [sa, sb): frames 0 .. T - 3 of interior rows, for threads whose columns are interior.
+    // The 64-bit (scalar) path runs every step as a general one: its steady copy spilled (16-bit types).
+    const bool steady_row = kHoist && p.G == 0 && row_ok[0] && row_ok[2] && cols_inside;
+    const int64_t sa = steady_row ? 0 : T, sb = steady_row ? (T > 2 ? T - 2 : 0) : T;
+    for (int64_t s = -n; s < sa; ++s) step(s, Bool<false>());
+    for (int64_t s = sa; s < sb; ++s) step(s, Bool<true>());
+    for (int64_t s = sb; s < T; ++s) step(s, Bool<false>());
+  }
+}
+
+// Whether the grad weight may keep its in-frame offsets in 32 bits: every (row, column, channel) offset
+// inside a frame of x, cache and grad_y, with non-negative strides, below 2^31.
+inline bool wgrad_off32_ok(const WgradParams& p) {
+  const Frames* fs[3] = {&p.x, &p.cache, &p.gy};
+  for (const Frames* f : fs) {
+    if (f->data == nullptr) continue;
+    int64_t span = 0;
+    for (int d = 2; d < 5; ++d) {
+      if (f->s[d] < 0) return false;
+      span += (d == 2 ? p.H - 1 : d == 3 ? p.W - 1 : p.C - 1) * f->s[d];
+      if (span >= (int64_t(1) << 31)) return false;
     }
   }
+  return true;
 }
 
 // Whether every access can use V-element vector loads/stores: channel stride 1, C and every other stride a
