@@ -52,28 +52,41 @@ struct DevIO {
     }
   }
   // Staging of N channels (zeros when g is null) into shared memory, as storage. VEC: one asynchronous
-  // 16-byte copy (cp.async; src-size 0 fills zeros), completed by wait<>; else plain loads and stores.
+  // 16-byte copy (cp.async, sm_80 and later; zeros by a plain 16-byte store), completed by wait<>; else
+  // plain loads and stores.
   template <int N>
   static __device__ __forceinline__ void stage(S* smem, const S* g, int64_t sc, int cn) {
     if (VEC) {
       static_assert(N * sizeof(S) == 16, "16-byte chunks");
       const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
       const void* src = g != nullptr ? static_cast<const void*>(g) : static_cast<const void*>(smem);
+#if __CUDA_ARCH__ >= 800
       if (g != nullptr)
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 16;\n" ::"r"(dst), "l"(src) : "memory");
       else
         *reinterpret_cast<uint4*>(smem) = make_uint4(0, 0, 0, 0);
+#else
+      // Before sm_80 there is no cp.async: a synchronous 16-byte load and store (the barrier before the
+      // step's compute makes it visible), so that builds for older GPUs (e.g. TORCH_CUDA_ARCH_LIST with 7.5)
+      // still compile and run.
+      (void)dst, (void)src;
+      *reinterpret_cast<uint4*>(smem) = g != nullptr ? *reinterpret_cast<const uint4*>(g) : make_uint4(0, 0, 0, 0);
+#endif
     } else {
 #pragma unroll
       for (int v = 0; v < N; ++v) smem[v] = (g != nullptr && v < cn) ? g[v * sc] : from_float<S>(0.f);
     }
   }
   static __device__ __forceinline__ void commit() {
+#if __CUDA_ARCH__ >= 800
     if (VEC) asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
   }
   template <int N>
   static __device__ __forceinline__ void wait() {
+#if __CUDA_ARCH__ >= 800
     if (VEC) asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
   }
   template <int N>
   static __device__ __forceinline__ void lds(const S* p, float* f) {
