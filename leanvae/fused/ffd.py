@@ -84,12 +84,14 @@ def _geglu_backend(requested, device_type, dtype):
 _geglu_backend._dynamo_marked_constant = True
 
 
-def _geglu(u, p, backend):
-    """value * gelu(gate) of u = [value | gate] (N, 2p), fused when a backend can run it."""
+def _geglu(u, p, backend, inplace=False):
+    """value * gelu(gate) of u = [value | gate] (N, 2p), fused when a backend can run it; `inplace`: the torch
+    expression multiplies into gelu's output (no autograd), saving a buffer."""
     fused = _geglu_backend(_backend.resolve(backend), u.device.type, u.dtype)
     if fused is not None:
         return geglu(u, backend=fused)
-    return F.gelu(u[..., p:]) * u[..., :p]
+    g = F.gelu(u[..., p:])
+    return g.mul_(u[..., :p]) if inplace else g * u[..., :p]
 
 
 def ffd_apply(ffd, x, residual=False, chunk_bytes=None, backend=None):
@@ -121,8 +123,7 @@ def _ffd_rows(ln, w1, w2, p, x, residual, autocast, out=None, backend=None):
     h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
     u = F.linear(h, w1)
     if out is not None:  # chunked inference (no autograd, never under autocast): one buffer fewer
-        fused = _geglu_backend(_backend.resolve(backend), u.device.type, u.dtype)
-        g = geglu(u, backend=fused) if fused is not None else F.gelu(u[..., p:]).mul_(u[..., :p])
+        g = _geglu(u, p, backend, inplace=True)
         return torch.addmm(x, g, w2.t(), out=out) if residual else torch.mm(g, w2.t(), out=out)
     g = _geglu(u, p, backend)
     if residual and not autocast:
