@@ -3,8 +3,8 @@
     python benchmarks/conv_sass.py [--source csrc/cuda/causal_conv.cu] [--rev GIT_REV] [--all]
 
 Compiles the source with setup.py's nvcc flags (`-cubin`, sm_90), disassembles it with cuobjdump (the
-pip wheel nvidia-cuda-cuobjdump, or the toolkit's), and prints one row per kernel instantiation: ptxas
-registers / spill bytes, then, for the main frame loop (of the innermost loops, found from their backward
+pip wheels nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm, or the toolkit's), and prints one row per
+kernel instantiation: ptxas registers / spill bytes, then, for the main frame loop (of the innermost loops, found from their backward
 branches, those holding the most FFMA, and of these the shortest: the steady-state loop; for the weight
 gradient, its steady frame loop inside the row loop), static counts of its
 instructions: total, FFMA, global loads by width (LDG, and LDGSTS: cp.async), shared-memory loads and
@@ -28,20 +28,24 @@ from cuda_tools import CSRC, ROOT, find_nvcc, parse_ptxas, _demangle  # noqa: E4
 
 
 def find_cuobjdump():
+    """A cuobjdump that can disassemble: it runs nvdisasm, from its own folder or PATH. None if there is none."""
+    candidates = []
     try:
         import nvidia
 
         base = os.path.dirname(list(nvidia.__path__)[0])
-        for sub in ("cu13", "cu12", "cuda_cuobjdump"):
-            path = os.path.join(base, "nvidia", sub, "bin", "cuobjdump")
-            if os.path.exists(path):
-                return path
+        candidates += [os.path.join(base, "nvidia", sub, "bin", "cuobjdump") for sub in ("cu13", "cu12", "cuda_cuobjdump")]
     except ImportError:
         pass
     nvcc = find_nvcc()
-    if nvcc and os.path.exists(os.path.join(os.path.dirname(nvcc), "cuobjdump")):
-        return os.path.join(os.path.dirname(nvcc), "cuobjdump")
-    return shutil.which("cuobjdump")
+    if nvcc:
+        candidates.append(os.path.join(os.path.dirname(nvcc), "cuobjdump"))
+    candidates.append(shutil.which("cuobjdump"))
+    for path in candidates:
+        if path and os.path.exists(path) and (
+                os.path.exists(os.path.join(os.path.dirname(path), "nvdisasm")) or shutil.which("nvdisasm")):
+            return path
+    return None
 
 
 _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")

@@ -471,7 +471,7 @@ def test_cuda_conv_steady_loop_sass_on_sm90():
     conv_sass = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conv_sass)
     if conv_sass.find_cuobjdump() is None:
-        pytest.skip("needs cuobjdump (pip install nvidia-cuda-cuobjdump)")
+        pytest.skip("needs cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
     rows = {name: c for name, _, c in conv_sass.table("csrc/cuda/causal_conv.cu")}
     for dtype in ("bf16", "fp16", "fp32"):
         for kind, bound in (("fwd/vec", 2.5), ("bwd_input/vec", 2.5)):
