@@ -152,7 +152,7 @@ def _prepare_dir(out, meta, overwrite, n_shards):
     return None
 
 
-def _load_model(checkpoint, device, dtype, fused, tile_or_whole):
+def _load_model(checkpoint, device, dtype, fused, tile_or_whole, tile_size=None):
     from .model import LeanVAE
 
     model = LeanVAE.load_from_checkpoint(checkpoint, device="cpu").eval()
@@ -163,6 +163,8 @@ def _load_model(checkpoint, device, dtype, fused, tile_or_whole):
         leanvae.use_fused_kernels(model)
     if tile_or_whole:
         model.set_tile_inference(True)
+    if tile_size:
+        model.enable_tiling(*tile_size)
     return model
 
 
@@ -222,7 +224,7 @@ def _write_shard(path, tensors, metadata):
 
 def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips_per_video=None, whole=False,
                    size=None, fps=None, dtype="float32", device=None, batch_size=1, fused=True, tile=False,
-                   videos_per_shard=16, workers=2, overwrite=False, quiet=False, reader=None):
+                   tile_size=None, videos_per_shard=16, workers=2, overwrite=False, quiet=False, reader=None):
     """Encode the videos in `inputs` (files, folders, manifests) to latents in `out` with `checkpoint`.
 
     Run by one process, or by each rank under torchrun. Bad inputs are skipped and listed in
@@ -246,6 +248,15 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
         size = tuple(int(v) for v in size)
         if len(size) != 2 or size[0] <= 0 or size[1] <= 0 or size[0] % 8 or size[1] % 8:
             raise ValueError(f"size must be (H, W), positive multiples of 8, got {size!r}")
+    if tile_size is not None:  # exact spatial tiling (LeanVAE.enable_tiling): (H, W) pixels, multiples of 8
+        tile_size = tuple(tile_size) if isinstance(tile_size, (tuple, list)) else (tile_size,)
+        if len(tile_size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 8 or v % 8
+                                      for v in tile_size):
+            raise ValueError(f"tile_size must be (H, W), multiples of 8 pixels; the smallest allowed is (8, 8), "
+                             f"got {tile_size!r}")
+        if whole:
+            raise ValueError("tile_size cannot be combined with whole (whole-video encoding reads frames chunk "
+                             "by chunk and bypasses LeanVAE.encode)")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -283,6 +294,8 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     rank, world = dist.rank, dist.world
     options = {k: a[k] for k in ("frames", "stride", "max_clips_per_video", "whole", "size", "fps", "dtype",
                                  "fused", "tile", "videos_per_shard", "reader")}
+    if a["tile_size"]:  # recorded only when set, so DIRs written without it still resume
+        options["tile_size"] = list(a["tile_size"])
     options["video_reader"] = options.pop("reader")
     options["size"] = list(options["size"]) if options["size"] else None
     if options["whole"]:
@@ -311,7 +324,7 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     if msg:
         raise EncodeError(msg)
     try:
-        model = _load_model(checkpoint, dev, tdtype, a["fused"], a["tile"] or a["whole"])
+        model = _load_model(checkpoint, dev, tdtype, a["fused"], a["tile"] or a["whole"], a["tile_size"])
     except Exception as exc:
         raise EncodeError(f"cannot load checkpoint {checkpoint}: {exc}") from exc
 

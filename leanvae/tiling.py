@@ -41,9 +41,9 @@ import torch
 
 __all__ = ["ReceptiveField", "receptive_field", "check_tile_size", "tiled_encode", "tiled_decode", "tile_spans"]
 
-# The probe's strip grows 33 -> 67 -> 135 -> 271 tokens; a reach beyond this is treated as not local.
+# The probe's strip grows 33 -> 67 -> 135 tokens; a reach beyond this is treated as not local.
 _PROBE_START = 33
-_PROBE_MAX = 271
+_PROBE_MAX = 135
 _PROBE_LATENT_FRAMES = 3  # an image frame and two video frames: both patch paths and the causal conv's taps
 _CACHE = {}
 
