@@ -245,3 +245,28 @@ def test_reconstruct_tile_size_option(tmp_path, capsys):
                  "--tile-size", "12x16"]) == 2
     err = capsys.readouterr().err
     assert "--tile-size 12x16" in err and "tile_sample_min_height must be a multiple of 8" in err
+
+
+def test_encode_dataset_with_tile_size_stores_the_untiled_latents(tmp_path):
+    pytest.importorskip("av", reason="PyAV (the [encode] extra) is not installed")
+    pytest.importorskip("safetensors", reason="safetensors (the [encode] extra) is not installed")
+    import numpy as np
+
+    from leanvae.encode import encode_dataset, load_latent, read_index
+    from leanvae.video import write_video
+
+    ckpt = tmp_path / "tiny.ckpt"
+    _model(SHALLOW).save_checkpoint(str(ckpt))
+    t, y, x = np.meshgrid(np.arange(5), np.arange(24), np.arange(40), indexing="ij")
+    clip = (127 + 100 * np.sin(0.3 * x + 0.2 * y + 0.5 * t))[..., None].repeat(3, -1).astype(np.uint8)
+    (tmp_path / "videos").mkdir()
+    write_video(str(tmp_path / "videos" / "a.mp4"), clip, fps=8)
+    latents = []
+    for name, tile in (("plain", None), ("tiled", (8, 16))):
+        out = str(tmp_path / name)
+        encode_dataset([str(tmp_path / "videos")], out, str(ckpt), frames=5, fused=False, tile_size=tile,
+                       workers=0, quiet=True)
+        (rec,) = read_index(out)
+        latents.append(load_latent(out, rec))
+    assert latents[0].shape == (4, 2, 3, 5)
+    assert _rel(latents[1], latents[0]) <= REL
