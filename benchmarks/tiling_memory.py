@@ -57,9 +57,12 @@ def child(a):
             warm = inp[..., :16, :16]
         call = model.decode if a.what == "decode" else model.encode
         call(warm.contiguous())
-        if a.mode == "tiled":
+        mode, _, chunk = a.mode.partition("-chunk")
+        if chunk:
+            a.chunk = int(chunk)
+        if mode == "tiled":
             model.enable_tiling(*a.tile)
-        elif a.mode == "chunked":
+        elif mode == "chunked":
             model.set_tile_inference(True)
         if a.chunk is not None:
             if a.what == "decode":
@@ -90,7 +93,9 @@ def main():
     p.add_argument("--tile", type=_size, default=(128, 128))
     p.add_argument("--chunk", type=int, default=None, help="chunksize_dec / chunksize_enc for the chunked modes "
                    "(default: the model's, 5 latent frames / 9 frames)")
-    p.add_argument("--modes", default="untiled,tiled", help="comma-separated: untiled, chunked (temporal only), tiled")
+    p.add_argument("--modes", default="untiled,tiled", help="comma-separated: untiled, chunked (temporal only), "
+                   "tiled; a suffix -chunkN sets that mode's chunk size (e.g. tiled-chunk2)")
+    p.add_argument("--concurrent", action="store_true", help="run the modes' processes at the same time")
     p.add_argument("--fused", action="store_true")
     p.add_argument("--glibc-defaults", action="store_true")
     p.add_argument("--json", default=None)
@@ -109,16 +114,22 @@ def main():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     results, outs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
+        procs = {}
         for mode in a.modes.split(","):
             save = os.path.join(tmp, mode + ".pt")
             cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--save", save, "--what", a.what,
                    "--frames", str(a.frames), "--size", "%dx%d" % a.size, "--tile", "%dx%d" % a.tile]
             cmd += ["--fused"] if a.fused else []
             cmd += ["--chunk", str(a.chunk)] if a.chunk is not None else []
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
-            if res.returncode:
-                sys.exit(f"{mode} run failed:\n{res.stderr}")
-            results[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+            procs[mode] = (save, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                  text=True, cwd=root))
+            if not a.concurrent:
+                procs[mode][1].wait()
+        for mode, (save, proc) in procs.items():
+            stdout, stderr = proc.communicate()
+            if proc.returncode:
+                sys.exit(f"{mode} run failed:\n{stderr}")
+            results[mode] = json.loads(stdout.strip().splitlines()[-1])
             outs[mode] = torch.load(save)
     ref = outs.get("untiled")
     report = {"what": a.what, "frames": a.frames, "size": list(a.size), "tile": list(a.tile), "fused": a.fused,

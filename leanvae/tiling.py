@@ -23,11 +23,14 @@ grows until the NaN region no longer touches the strip's ends; a layer that mixe
 never stop touching them, and is reported. The result is cached per model structure (module types and
 parameter shapes), so the probe runs once per config in a process.
 
-Temporal chunking. A tiled call on a video runs each tile through the model's own temporal chunking
-(`set_tile_inference(True)`, chunks of `chunksize_enc` frames / `chunksize_dec` latent frames, with the
-causal cache), so the activations alive at once are those of one tile's chunk: peak memory is set by the
-tile and chunk size (plus the output itself), not by the clip. The model's temporal-tiling switch is
-restored afterwards (an image switches it off, as the untiled call does).
+Temporal chunking. A tiled call on a video longer than one chunk runs each tile through the model's own
+temporal chunking (`set_tile_inference(True)`, chunks of `chunksize_enc` frames / `chunksize_dec` latent
+frames, with the causal cache), so the activations alive at once are those of one tile's chunk plus the
+causal caches (two frames of every conv's input, over the tile and its halo): peak memory is set by the
+tile and chunk size (plus the output itself), not by the clip's length or frame size. A clip of one chunk
+runs each tile unchunked (the same arithmetic, without the caches), and each tile's caches are dropped
+before the next tile runs. The model's temporal-tiling switch is restored afterwards (an image switches it
+off, as the untiled call does).
 
 Numerics. Tiled and untiled outputs are not always equal bit for bit: a GEMM's rounding depends on how
 many rows (tokens) it is called with (BLAS picks its blocking and vector paths from the shape), and the
@@ -192,7 +195,17 @@ def tile_spans(n, tile):
     return out
 
 
-def _tiled(call, x, tile_tokens, reach, in_unit, out_unit):
+def _drop_caches(model):
+    """Forget the temporal chunking's causal caches (the last tile's, of no use to any other tile): a tile's
+    caches are freed before the next tile allocates its own. A later non-first chunk then fails loudly."""
+    for m in model.modules():
+        if getattr(m, "causal_cached", None) is not None:
+            m.causal_cached = None
+        if getattr(m, "fused_causal_cache", None) is not None:
+            m.fused_causal_cache = None
+
+
+def _tiled(model, call, x, tile_tokens, reach, in_unit, out_unit):
     """Run `call` on each tile of x (plus its halo, clipped to the frame) and stitch the tiles' own regions.
 
     x: (..., nh * in_unit, nw * in_unit); tile_tokens: (th, tw); reach: ((before_h, after_h), (before_w, after_w))
@@ -206,6 +219,7 @@ def _tiled(call, x, tile_tokens, reach, in_unit, out_unit):
     for a, b, a0, b0 in spans[0]:
         for c, e, c0, e0 in spans[1]:
             y = call(x[..., a0 * in_unit:b0 * in_unit, c0 * in_unit:e0 * in_unit])
+            _drop_caches(model)
             if out is None:
                 out = y.new_empty(y.shape[:-2] + (nh * out_unit, nw * out_unit))
             out[..., a * out_unit:b * out_unit, c * out_unit:e * out_unit] = y[
@@ -224,11 +238,13 @@ def tiled_encode(model, x, tile_size):
     s = rf.scale
     tiles = (tile_size[0] // s, tile_size[1] // s)
     image = x.ndim == 4
-    with untiled_calls(model, temporal=not image):
+    # A clip of one chunk runs unchunked: the same arithmetic, without the causal caches' memory.
+    with untiled_calls(model, temporal=not image and x.shape[2] > model.chunksize_enc):
         if _single_tile((x.shape[-2] // s, x.shape[-1] // s), tiles):
             z = model.encode(x)
+            _drop_caches(model)
         else:
-            z = _tiled(model.encode, x, tiles, rf.encode, s, 1)
+            z = _tiled(model, model.encode, x, tiles, rf.encode, s, 1)
     if image:
         model.set_tile_inference(False)  # as the untiled call on an image leaves it
     return z
@@ -244,11 +260,12 @@ def tiled_decode(model, z, tile_size, is_image=False):
     def call(zt):
         return model.decode(zt, is_image=is_image)
 
-    with untiled_calls(model, temporal=not is_image):
+    with untiled_calls(model, temporal=not is_image and z.shape[2] > model.chunksize_dec):
         if _single_tile(z.shape[-2:], tiles):
             x = call(z)
+            _drop_caches(model)
         else:
-            x = _tiled(call, z, tiles, rf.decode, 1, s)
+            x = _tiled(model, call, z, tiles, rf.decode, 1, s)
     if is_image:
         model.set_tile_inference(False)
     return x
