@@ -35,6 +35,8 @@ __all__ = ["encode_dataset", "decode_dataset", "EncodeError", "read_index", "loa
 # 2: shards are described (size, SHA-256, tensors) in shard-K.json / shards.jsonl; DIRs of 1 had no descriptions
 FORMAT_VERSION = 2
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_FPS = 1000.0  # high-speed cameras record up to about 1000 fps; more is a typo
+_MAX_SIDE = 16384  # pixels: twice 8K; a larger frame does not fit a GPU's memory in this model anyway
 
 
 def _need(module, extra="encode"):
@@ -271,13 +273,17 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
     # ---- arguments
     if not whole and (not isinstance(frames, int) or frames < 1 or frames % 4 != 1):
         raise ValueError(f"frames must be 1+4k (1, 5, 9, 17, ...), got {frames!r}")
-    for name, v in (("stride", stride), ("max_clips_per_video", max_clips_per_video), ("fps", fps)):
-        if v is not None and not v > 0:
-            raise ValueError(f"{name} must be positive, got {v!r}")
+    for name, v in (("stride", stride), ("max_clips_per_video", max_clips_per_video)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if fps is not None:
+        # a frame rate beyond any camera's would resample every video to a huge, mostly repeated, frame list
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or not 0 < fps <= _MAX_FPS:
+            raise ValueError(f"fps must be a finite number in (0, {_MAX_FPS}], got {fps!r}")
     if size is not None:
         size = tuple(int(v) for v in size)
-        if len(size) != 2 or size[0] <= 0 or size[1] <= 0 or size[0] % 8 or size[1] % 8:
-            raise ValueError(f"size must be (H, W), positive multiples of 8, got {size!r}")
+        if len(size) != 2 or size[0] <= 0 or size[1] <= 0 or size[0] % 8 or size[1] % 8 or max(size) > _MAX_SIDE:
+            raise ValueError(f"size must be (H, W), positive multiples of 8 up to {_MAX_SIDE}, got {size!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -556,41 +562,85 @@ def read_index(out):
     path = os.path.join(out, "index.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{out} has no index.jsonl: not an encoded dataset, or its run did not finish")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return sh.read_jsonl(path)
 
 
 def load_latent(out, record):
-    """The latent tensor of one index record."""
+    """The latent tensor of one index record (unchecked: `decode_dataset` checks shards before reading)."""
     from safetensors import safe_open
 
     with safe_open(os.path.join(out, record["shard"]), framework="pt") as f:
         return f.get_tensor(record["key"])
 
 
+class _CheckedReader:
+    """Latents of DIR read against what the folder says they are: each shard once against its description
+    (size, SHA-256, tensor table, made by the run meta.json records), each clip's index line against the
+    shard's tensor table and the run's dtype and model config. Errors are one line naming clip and shard."""
+
+    def __init__(self, out, meta):
+        self.out, self.meta = out, meta
+        self.run = sh.run_fingerprint(meta)
+        self.descs = _descriptions(out)
+        self.checked = {}
+        self.dtype = (meta.get("options") or {}).get("dtype")
+        self.latent_dim = (meta.get("model_config") or {}).get("latent_dim", 4)
+
+    def load(self, rec):
+        name, key = rec.get("shard"), rec.get("key")
+        if not isinstance(name, str) or not isinstance(key, str):
+            raise EncodeError(f"{self.out}/index.jsonl: a line without shard/key: {json.dumps(rec)[:120]}")
+        path = os.path.join(self.out, name)
+        if name not in self.checked:
+            try:
+                why = sh.shard_problem(self.out, name, self.descs.get(name), self.run)
+            except OSError as exc:
+                why = f"cannot read it: {sh._os_reason(exc)}"
+            self.checked[name] = why
+        why = self.checked[name]
+        if why:
+            raise EncodeError(f"{path} (clip {key}): {why}; `python -m leanvae verify {self.out}` lists all "
+                              f"damage, and rerunning the encode command re-encodes damaged shards")
+        bad = sh.record_problem(rec, self.descs[name], self.dtype, self.latent_dim)
+        if bad:
+            raise EncodeError(f"clip {key} in {path}: {bad}; the index does not describe this shard "
+                              f"(`python -m leanvae verify {self.out}`)")
+        z = load_latent(self.out, rec)
+        if list(z.shape) != rec["latent_shape"] or str(z.dtype).replace("torch.", "") != rec["latent_dtype"]:
+            raise EncodeError(f"clip {key} in {path}: read {z.dtype} {list(z.shape)}, the index says "
+                              f"{rec['latent_dtype']} {rec['latent_shape']}")
+        return z
+
+
 @torch.no_grad()
 def decode_dataset(out, videos_dir, checkpoint=None, limit=None, device=None, fused=True, quiet=False):
     """Decode stored latents of DIR `out` back to mp4 files in `videos_dir` (one per clip, named by key).
-    Returns the list of written paths."""
+    Every latent is checked before it is decoded (see `_CheckedReader`). Returns the list of written paths."""
     _need("safetensors", "decode")
     from .video import to_frames, write_video
 
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be an int >= 0, got {limit!r}")
     records = read_index(out)
     if limit is not None:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
         records = records[:limit]
+    meta = sh.read_json_file(os.path.join(out, "meta.json"))  # every encoded DIR has one: it says what to expect
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EncodeError(f"{out}/meta.json: format_version {meta.get('format_version')!r}, this version reads "
+                          f"{FORMAT_VERSION}: re-encode the folder with this version")
     if checkpoint is None:
-        with open(os.path.join(out, "meta.json")) as f:
-            checkpoint = json.load(f)["checkpoint"]
+        checkpoint = meta.get("checkpoint")
+        if not isinstance(checkpoint, str):
+            raise ValueError(f"{out}/meta.json records no checkpoint path: pass --checkpoint")
     if not os.path.isfile(checkpoint):
         raise ValueError(f"checkpoint not found: {checkpoint} (pass --checkpoint)")
+    reader = _CheckedReader(out, meta)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _load_model(checkpoint, dev, torch.float32, fused, False)
     os.makedirs(videos_dir, exist_ok=True)
     written = []
     for rec in records:
-        z = load_latent(out, rec).to(dev, torch.float32).unsqueeze(0)
+        z = reader.load(rec).to(dev, torch.float32).unsqueeze(0)
         x = model.decode(z)
         path = os.path.join(videos_dir, rec["key"] + ".mp4")
         write_video(path, to_frames(x), rec["fps"])

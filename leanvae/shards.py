@@ -208,6 +208,12 @@ def _alive(pid, start):
         return False
     except PermissionError:  # someone else's live process
         pass
+    try:  # a killed process not yet reaped by its parent (a zombie) still answers kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except (OSError, IndexError):
+        pass
     now = _proc_start(pid)
     return start is None or now is None or now == start
 
