@@ -186,11 +186,15 @@ def _prepare_dir(out, meta, overwrite, run):
     return None
 
 
-def _load_model(checkpoint, device, dtype, fused, tile_or_whole):
-    from .model import LeanVAE
+def _load_model(checkpoint, device, dtype, fused, tile_or_whole, model=None):
+    """The model of the checkpoint file `checkpoint` (or `model`, already read from it) ready to encode or
+    decode on `device`. Strict: a checkpoint without weights, or whose tensors do not fit its 'args', is a
+    one-line CheckpointError (a ValueError) from `leanvae.loading`."""
+    from .loading import model_from_checkpoint
 
-    model = LeanVAE.load_from_checkpoint(checkpoint, device="cpu").eval()
-    model = model.to(device=device, dtype=dtype)
+    if model is None:
+        model = model_from_checkpoint(checkpoint)
+    model = model.eval().to(device=device, dtype=dtype)
     if fused:
         import leanvae
 
@@ -267,6 +271,7 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
     """
     _need("safetensors")
     from . import __version__
+    from .loading import parse_device, resolve_checkpoint
     from .data import VideoClipDataset, list_videos
     from .video import VideoError, video_reader
 
@@ -290,8 +295,7 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(videos_per_shard, int) or videos_per_shard < 1:
         raise ValueError(f"videos_per_shard must be a positive int, got {videos_per_shard!r}")
-    if not os.path.isfile(checkpoint):
-        raise ValueError(f"checkpoint not found: {checkpoint}")
+    checkpoint = resolve_checkpoint(checkpoint)  # CheckpointError (ValueError) of one line when not found
     try:  # once, here: every video of the run (and every DataLoader worker) decodes with the same reader
         reader = video_reader(reader)
     except VideoError as exc:
@@ -301,14 +305,11 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
         raise ValueError(f"no videos found in {list(inputs) if not isinstance(inputs, str) else inputs!r} "
                          f"(looked for {', '.join(e for e in __import__('leanvae.data').data.VIDEO_EXTENSIONS)})")
 
-    dev_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev_type == "cuda":  # each rank on its own GPU, set before nccl starts
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = torch.device("cuda", local_rank if device in (None, "cuda") else torch.device(device).index or 0)
+    dev = parse_device(device)  # one-line ValueError for an unknown device or one this machine lacks
+    if dev.type == "cuda":  # each rank on its own GPU (cuda:LOCAL_RANK unless an index is given), before nccl starts
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device or "cpu")
-    dist = _Dist(dev_type)
+    dist = _Dist(dev.type)
     tdtype = _DTYPES[dtype]
     try:
         return _run(videos, out, checkpoint, dist, dev, tdtype, locals(), __version__, VideoClipDataset)
@@ -333,16 +334,23 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     model = None
     if rank == 0:
         try:
+            from .loading import CheckpointError, model_from_checkpoint, read_checkpoint
+
             ckpt_hash = _sha256(checkpoint)
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            config = dict(ckpt.get("args", {})) if isinstance(ckpt, dict) else {}
+            config, _ = read_checkpoint(checkpoint)
+            # read (and refused: no weights, tensors that do not fit) before the DIR is touched
+            model = model_from_checkpoint(checkpoint)
             meta = {"format_version": FORMAT_VERSION, "checkpoint": os.path.abspath(checkpoint),
                     "checkpoint_sha256": ckpt_hash, "model_config": json.loads(json.dumps(config, default=str)),
                     "leanvae_version": version, "torch_version": torch.__version__, "options": options,
                     "inputs_sha256": hashlib.sha256("\n".join(videos).encode()).hexdigest(),
                     "num_videos": len(videos), "num_shards": n_shards}
-        except Exception as exc:  # unreadable checkpoint
-            msg = f"cannot read checkpoint {checkpoint}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        except CheckpointError as exc:  # already one line, naming the file
+            msg = str(exc)
+        except OSError as exc:
+            msg = f"cannot read checkpoint {checkpoint}: {sh._os_reason(exc)}"
+        except Exception as exc:  # anything else the model build raised: said in one line, on every rank
+            msg = f"cannot load checkpoint {checkpoint}: {exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]}"
         if msg is None:
             try:
                 os.makedirs(out, exist_ok=True)
@@ -360,7 +368,7 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
         raise EncodeError(msg)
     try:
         return _run_locked(videos, out, checkpoint, dist, dev, tdtype, a, options, n_shards, run, start_time,
-                           VideoClipDataset)
+                           VideoClipDataset, model)
     finally:
         if lock is not None:
             lock.release()
@@ -396,12 +404,11 @@ def _check_kept_shards(out, ks, run):
     return keep, redo
 
 
-def _run_locked(videos, out, checkpoint, dist, dev, tdtype, a, options, n_shards, run, start_time, VideoClipDataset):
+def _run_locked(videos, out, checkpoint, dist, dev, tdtype, a, options, n_shards, run, start_time, VideoClipDataset,
+                model):
     rank, world = dist.rank, dist.world
-    try:
-        model = _load_model(checkpoint, dev, tdtype, a["fused"], a["tile"] or a["whole"])
-    except Exception as exc:
-        raise EncodeError(f"cannot load checkpoint {checkpoint}: {exc}") from exc
+    # rank 0 read the model before preparing DIR; the other ranks read it now that it was found good
+    model = _load_model(checkpoint, dev, tdtype, a["fused"], a["tile"] or a["whole"], model)
 
     setup_s = time.perf_counter() - start_time
     start_time = time.perf_counter()  # throughput counts from here: checkpoint hashing and model load excluded
@@ -617,6 +624,7 @@ def decode_dataset(out, videos_dir, checkpoint=None, limit=None, device=None, fu
     """Decode stored latents of DIR `out` back to mp4 files in `videos_dir` (one per clip, named by key).
     Every latent is checked before it is decoded (see `_CheckedReader`). Returns the list of written paths."""
     _need("safetensors", "decode")
+    from .loading import parse_device, resolve_checkpoint
     from .video import to_frames, write_video
 
     if limit is not None and (not isinstance(limit, int) or limit < 0):
@@ -632,10 +640,13 @@ def decode_dataset(out, videos_dir, checkpoint=None, limit=None, device=None, fu
         checkpoint = meta.get("checkpoint")
         if not isinstance(checkpoint, str):
             raise ValueError(f"{out}/meta.json records no checkpoint path: pass --checkpoint")
-    if not os.path.isfile(checkpoint):
-        raise ValueError(f"checkpoint not found: {checkpoint} (pass --checkpoint)")
+    dev = parse_device(device)
+    checkpoint = resolve_checkpoint(checkpoint)
+    if _sha256(checkpoint) != meta.get("checkpoint_sha256"):
+        raise ValueError(f"{checkpoint} is not the checkpoint these latents were made with (its SHA-256 differs from "
+                         f"the one in {out}/meta.json): decoding with it would give wrong videos; pass the checkpoint "
+                         f"of the encode run with --checkpoint")
     reader = _CheckedReader(out, meta)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _load_model(checkpoint, dev, torch.float32, fused, False)
     os.makedirs(videos_dir, exist_ok=True)
     written = []

@@ -562,3 +562,44 @@ def test_undecodable_manifest_is_named(data, tmp_path, capsys):
     assert main(["encode", str(manifest), "--out", str(tmp_path / "o"), "--checkpoint", data["ckpt"]]) == 2
     line = _one_line(capsys.readouterr().err)
     assert f"manifest {manifest} is not UTF-8 text" in line
+
+
+def test_checkpoint_without_weights_is_refused_before_the_folder_is_touched(data, tmp_path, capsys):
+    ckpt = torch.load(data["ckpt"], weights_only=True)
+    no_weights = str(tmp_path / "args_only.ckpt")
+    torch.save({"args": ckpt["args"]}, no_weights)
+    out = str(tmp_path / "o")
+    assert main(["encode", data["manifest"], "--out", out, "--checkpoint", no_weights]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"{no_weights} has 'args' but no 'state_dict'" in line
+    assert not os.path.exists(out)
+
+
+def test_state_dict_that_does_not_fit_is_summarised_in_one_line(data, tmp_path, capsys):
+    ckpt = torch.load(data["ckpt"], weights_only=True)
+    ckpt["args"] = {**ckpt["args"], "latent_dim": 16}  # the weights are of a 4-channel model
+    wrong = str(tmp_path / "wrong.ckpt")
+    torch.save(ckpt, wrong)
+    assert main(["encode", data["manifest"], "--out", str(tmp_path / "o"), "--checkpoint", wrong]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"{wrong} does not fit LeanVAE(latent_dim=16)" in line and "of the wrong shape" in line
+
+
+@pytest.mark.parametrize("device,said", [("bogus", "'bogus' is not a device"), ("cuda", "'cuda' is not available")])
+def test_unknown_or_unavailable_device_is_one_line(data, tmp_path, capsys, device, said):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is available")
+    for cmd in (["encode", data["manifest"], "--out", str(tmp_path / "o"), "--checkpoint", data["ckpt"]],
+                ["decode", data["clean"], "--out", str(tmp_path / "v")]):
+        assert main(cmd + ["--device", device]) == 2
+        assert said in _one_line(capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_decode_with_another_checkpoint_is_refused(data, tmp_path, capsys):
+    torch.manual_seed(1)
+    other = str(tmp_path / "other.ckpt")
+    leanvae.LeanVAE.from_config(**TINY).save_checkpoint(other)
+    code, err = _decode(capsys, data["clean"], tmp_path, "--checkpoint", other)
+    assert code == 2
+    assert "is not the checkpoint these latents were made with" in _one_line(err)
