@@ -325,7 +325,8 @@ class DirLock:
 def verify_dataset(out, checksum=True):
     """Check an encoded DIR: meta.json, the shard index against the shard files (size, SHA-256, tensor
     table), the clip index and errors against the shards' own metadata and meta.json's options.
-    Returns {"problems": [one line each], "notes": [...], "shards", "clips", "errors", "bytes"}."""
+    Returns {"problems": [one line each], "notes": [...], and "shards", "clips", "errors", "bytes": the counts
+    of the intact shards}."""
     problems, notes = [], []
     report = {"problems": problems, "notes": notes, "shards": 0, "clips": 0, "errors": 0, "bytes": 0}
     if not os.path.isdir(out):
@@ -386,6 +387,7 @@ def verify_dataset(out, checksum=True):
         why = shard_problem(out, name, desc, run, checksum=checksum)
         if why:
             problems.append(f"{name}: {why}")
+            by_shard.pop(name, None)  # its index lines cannot be checked against it
             continue
         report["shards"] += 1
         report["bytes"] += desc["bytes"]
@@ -395,6 +397,8 @@ def verify_dataset(out, checksum=True):
             problems.append(str(exc))
             continue
         errs += shard_errs
+        report["clips"] += len(recs)
+        report["errors"] += len(shard_errs)
         if recs != by_shard.pop(name, []):
             problems.append(f"index.jsonl: the lines of {name} differ from the ones the shard carries")
         for rec in recs:
@@ -405,8 +409,6 @@ def verify_dataset(out, checksum=True):
         problems.append(f"index.jsonl: lines name {name!r}, which {SHARDS_INDEX} does not list")
     if errs != lists["errors.jsonl"]:
         problems.append("errors.jsonl differs from the errors the shards carry")
-    report["clips"] = len(lists["index.jsonl"])
-    report["errors"] = len(lists["errors.jsonl"])
     return report
 
 
