@@ -379,7 +379,7 @@ def verify_dataset(out, checksum=True):
     by_shard = {}
     for rec in lists["index.jsonl"]:
         by_shard.setdefault(rec.get("shard"), []).append(rec)
-    errs = []
+    errs, damaged = [], False
     for desc in descs:
         name = desc.get("shard")
         if not isinstance(name, str):
@@ -387,7 +387,8 @@ def verify_dataset(out, checksum=True):
         why = shard_problem(out, name, desc, run, checksum=checksum)
         if why:
             problems.append(f"{name}: {why}")
-            by_shard.pop(name, None)  # its index lines cannot be checked against it
+            by_shard.pop(name, None)  # its index and error lines cannot be checked against it
+            damaged = True
             continue
         report["shards"] += 1
         report["bytes"] += desc["bytes"]
@@ -407,7 +408,7 @@ def verify_dataset(out, checksum=True):
                 problems.append(f"{name}: clip {rec.get('key')}: {bad}")
     for name in by_shard:
         problems.append(f"index.jsonl: lines name {name!r}, which {SHARDS_INDEX} does not list")
-    if errs != lists["errors.jsonl"]:
+    if not damaged and errs != lists["errors.jsonl"]:
         problems.append("errors.jsonl differs from the errors the shards carry")
     return report
 
