@@ -630,3 +630,14 @@ def test_decode_with_another_checkpoint_is_refused(data, tmp_path, capsys):
     code, err = _decode(capsys, data["clean"], tmp_path, "--checkpoint", other)
     assert code == 2
     assert "is not the checkpoint these latents were made with" in _one_line(err)
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--size", "100000x64"], "size must be (H, W), positive multiples of 8 up to 16384"),
+    (["--stride", "0"], "stride must be a positive int, got 0"),
+    (["--max-clips-per-video", "-2"], "max_clips_per_video must be a positive int, got -2"),
+])
+def test_absurd_numbers_are_one_line(data, tmp_path, capsys, args, said):
+    assert main(["encode", data["manifest"], "--out", str(tmp_path / "o"), "--checkpoint", data["ckpt"]] + args) == 2
+    assert said in _one_line(capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "o")
