@@ -246,7 +246,9 @@ def cmd_verify(args):
         return 2
     for note in rep["notes"]:
         print(f"note: {note}")
-    what = (f"{rep['shards']} shard(s) ({rep['bytes'] / 2**20:.2f} MiB{', SHA-256 checked' if args.checksum else ', sizes only'}), "
+    n = rep["bytes"]
+    size = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+    what = (f"{rep['shards']} shard(s) ({size}{', SHA-256 checked' if args.checksum else ', sizes only'}), "
             f"{rep['clips']} clip(s), {rep['errors']} skipped input(s)")
     if rep["problems"]:
         for p in rep["problems"]:

@@ -132,7 +132,7 @@ def test_clean_folder_is_described_and_verifies(data, capsys):
     assert all(r["latent_shape"] == [4, 2, 4, 4] for r in index)
     code, text = _verify(capsys, out)
     assert code == 0, text
-    assert re.fullmatch(re.escape(out) + r": OK: 3 shard\(s\) \(\d+\.\d\d MiB, SHA-256 checked\), 5 clip\(s\), "
+    assert re.fullmatch(re.escape(out) + r": OK: 3 shard\(s\) \(\d+\.\d KiB, SHA-256 checked\), 5 clip\(s\), "
                         r"1 skipped input\(s\)\n", text), text
 
 
