@@ -319,7 +319,7 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
 
 def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDataset):
     start_time = time.perf_counter()
-    rank, world = dist.rank, dist.world
+    rank = dist.rank
     options = {k: a[k] for k in ("frames", "stride", "max_clips_per_video", "whole", "size", "fps", "dtype",
                                  "fused", "tile", "videos_per_shard", "reader")}
     options["video_reader"] = options.pop("reader")
@@ -348,7 +348,7 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
         except CheckpointError as exc:  # already one line, naming the file
             msg = str(exc)
         except OSError as exc:
-            msg = f"cannot read checkpoint {checkpoint}: {sh._os_reason(exc)}"
+            msg = f"cannot read checkpoint {checkpoint}: {sh.os_reason(exc)}"
         except Exception as exc:  # anything else the model build raised: said in one line, on every rank
             msg = f"cannot load checkpoint {checkpoint}: {exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]}"
         if msg is None:
@@ -360,7 +360,7 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
             except EncodeError as exc:
                 msg = str(exc)
             except OSError as exc:
-                msg = f"cannot prepare {out}: {sh._os_reason(exc)}" + (f" ({exc.filename})" if exc.filename else "")
+                msg = f"cannot prepare {out}: {sh.os_reason(exc)}" + (f" ({exc.filename})" if exc.filename else "")
         if msg and lock is not None:
             lock.release()
     msg, run = dist.broadcast((msg, run))
@@ -387,7 +387,7 @@ def _check_kept_shards(out, ks, run):
         try:
             why = sh.shard_problem(out, shard_name(k), descs.get(shard_name(k)), run)
         except OSError as exc:
-            raise EncodeError(f"cannot read {path}: {sh._os_reason(exc)}; fix its permissions, or delete it so "
+            raise EncodeError(f"cannot read {path}: {sh.os_reason(exc)}; fix its permissions, or delete it so "
                               f"that a rerun encodes it again") from None
         if why is None:
             keep.add(k)
@@ -399,7 +399,7 @@ def _check_kept_shards(out, ks, run):
                 if os.path.exists(p):
                     os.remove(p)
             except OSError as exc:
-                raise EncodeError(f"cannot remove the damaged {p}: {sh._os_reason(exc)}; delete it by hand and "
+                raise EncodeError(f"cannot remove the damaged {p}: {sh.os_reason(exc)}; delete it by hand and "
                                   f"rerun") from None
     return keep, redo
 
@@ -481,7 +481,7 @@ def _run_locked(videos, out, checkpoint, dist, dev, tdtype, a, options, n_shards
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise EncodeError(f"cannot remove {os.path.join(out, _desc_name(k))}: {sh._os_reason(exc)}") from None
+                raise EncodeError(f"cannot remove {os.path.join(out, _desc_name(k))}: {sh.os_reason(exc)}") from None
         summary = {"device_busy_fraction": busy, "videos": len(videos), "clips": len(index), "frames": sum(r["frames"] for r in index),
                    "failures": len(errors), "shards": n_shards, "resumed_shards": int(totals[4]),
                    "reencoded_shards": int(n_redo),
@@ -602,7 +602,7 @@ class _CheckedReader:
             try:
                 why = sh.shard_problem(self.out, name, self.descs.get(name), self.run)
             except OSError as exc:
-                why = f"cannot read it: {sh._os_reason(exc)}"
+                why = f"cannot read it: {sh.os_reason(exc)}"
             self.checked[name] = why
         why = self.checked[name]
         if why:

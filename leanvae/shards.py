@@ -20,7 +20,7 @@ import os
 import socket
 import time
 
-__all__ = ["EncodeError", "file_sha256", "write_file", "run_fingerprint", "describe_shard", "shard_problem",
+__all__ = ["EncodeError", "file_sha256", "os_reason", "write_file", "run_fingerprint", "describe_shard", "shard_problem",
            "DirLock", "verify_dataset", "SHARDS_INDEX", "LOCK_NAME"]
 
 SHARDS_INDEX = "shards.jsonl"
@@ -43,7 +43,7 @@ def file_sha256(path, chunk=1 << 20):
             h.update(b)
 
 
-def _os_reason(exc):
+def os_reason(exc):
     """The OS's own words for an OSError ('No space left on device', 'File too large', ...)."""
     if exc.errno:
         return os.strerror(exc.errno)
@@ -67,7 +67,7 @@ def write_file(path, data, *, what=None):
             os.remove(tmp)
         except OSError:
             pass
-        raise EncodeError(f"cannot write {what or path}: {_os_reason(exc)}; the run stopped, {RESUME_HINT} "
+        raise EncodeError(f"cannot write {what or path}: {os_reason(exc)}; the run stopped, {RESUME_HINT} "
                           f"(once the cause is fixed)") from None
 
 
@@ -95,7 +95,7 @@ def read_json_file(path):
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {_os_reason(exc)}") from None
+        raise ValueError(f"cannot read {path}: {os_reason(exc)}") from None
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -243,14 +243,14 @@ class DirLock:
                 self._take_over(holder)
                 continue
             except OSError as exc:
-                raise EncodeError(f"cannot create the lock {self.path}: {_os_reason(exc)}") from None
+                raise EncodeError(f"cannot create the lock {self.path}: {os_reason(exc)}") from None
             try:
                 os.write(fd, text.encode())
                 os.fsync(fd)
             except OSError as exc:
                 os.close(fd)
                 os.remove(self.path)
-                raise EncodeError(f"cannot write {self.path}: {_os_reason(exc)}; the run stopped, {RESUME_HINT}") from None
+                raise EncodeError(f"cannot write {self.path}: {os_reason(exc)}; the run stopped, {RESUME_HINT}") from None
             os.close(fd)
             self.mine = text
             return self
@@ -421,7 +421,7 @@ def read_shard_metadata(path):
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {_os_reason(exc)}") from None
+        raise ValueError(f"cannot read {path}: {os_reason(exc)}") from None
     if "leanvae" not in md:
         raise ValueError(f"{path} is not a shard written by `leanvae encode` (no 'leanvae' metadata)")
     try:
