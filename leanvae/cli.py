@@ -1,4 +1,4 @@
-"""Command line: `python -m leanvae {info,bench,reconstruct,encode,decode}`."""
+"""Command line: `python -m leanvae {info,bench,reconstruct,encode,decode,verify}`."""
 import argparse
 import os
 import platform
@@ -243,6 +243,30 @@ def cmd_decode(args):
     return 0
 
 
+def cmd_verify(args):
+    from .shards import verify_dataset
+
+    try:
+        rep = verify_dataset(args.dir, checksum=args.checksum)
+    except ValueError as exc:
+        print(f"leanvae verify: {exc}", file=sys.stderr)
+        return 2
+    for note in rep["notes"]:
+        print(f"note: {note}")
+    n = rep["bytes"]
+    size = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+    what = (f"{rep['shards']} shard(s) ({size}{', SHA-256 checked' if args.checksum else ', sizes only'}), "
+            f"{rep['clips']} clip(s), {rep['errors']} skipped input(s)")
+    if rep["problems"]:
+        for p in rep["problems"]:
+            print(f"DAMAGED: {p}")
+        print(f"{args.dir}: {len(rep['problems'])} problem(s); intact: {what}. Rerun the encode command to "
+              f"re-encode damaged shards and rewrite the index")
+        return 1
+    print(f"{args.dir}: OK: {what}")
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m leanvae", description="LeanVAE with fused kernels")
     sub = p.add_subparsers(dest="command", required=True)
@@ -320,6 +344,13 @@ def build_parser():
     d.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_decode)
+
+    v = sub.add_parser("verify", help="check a DIR written by `encode`: shards against shards.jsonl (size, SHA-256, "
+                                      "tensors), index and errors against the shards and meta.json; exit 1 on damage")
+    v.add_argument("dir", help="a DIR written by `leanvae encode`")
+    v.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
+                   help="hash every shard (default; --no-checksum: sizes and headers only)")
+    v.set_defaults(func=cmd_verify)
     return p
 
 
