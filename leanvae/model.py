@@ -114,7 +114,8 @@ class LeanVAE(nn.Module):
         """Encode and decode frames in spatial tiles of at most this many pixels (multiples of 8; None keeps
         the current value, 256 by default), each computed with a halo as wide as the network's receptive
         field: the same result as untiled up to float rounding, in memory set by the tile and the temporal
-        chunk size (a video runs through the temporal chunking, see `set_tile_inference`). See leanvae/tiling.py.
+        chunk size (a video longer than one chunk runs each tile through the temporal chunking, see
+        `set_tile_inference`). Bad sizes: ValueError/TypeError naming the argument. See leanvae/tiling.py.
         """
         from .tiling import check_tile_size, receptive_field
 
