@@ -300,4 +300,7 @@ def extensions():
     return exts
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildNative})
+# pip (setuptools.build_meta) and `python setup.py` both run this file as __main__; tests import it for
+# cpu_build_plan without building anything.
+if __name__ == "__main__":
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildNative})
