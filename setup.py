@@ -96,8 +96,8 @@ def cpu_build_plan(cxx, arch):
         march = "x86-64" if x86 else "default"
     else:
         base = [f"-march={arch}"] if arch else []
-        paths = [("march", [])]
         label = march = arch or "default"
+        paths = [(march, [])]
     features = sorted({ISA_MACROS[m] for m in compiler_macros(cxx, base) if m in ISA_MACROS})
     return base, paths, label, f"{march}:{','.join(features)}"
 
