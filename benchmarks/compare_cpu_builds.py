@@ -6,7 +6,8 @@ Loads this tree's leanvae_kernels._C (A) and the module file OTHER_C.so (B, e.g.
 LEANVAE_KERNELS_CPU_ARCH=native build of the same sources), runs every `cpu` case of the benchmark suites
 (benchmarks/test_bench_<suite>.py, their shapes and steps), and times each case's step alternately on A
 and B, the order swapped every round, so both builds see the same machine load. Prints, per case, the
-fastest time of each build and their ratio A/B, and per suite the geometric mean of the ratios. On a
+fastest time of each build and their ratio A/B, and per suite the geometric mean and the median of the
+ratios (the median is the figure to trust when a few cases never got a quiet round). On a
 shared, noisy machine this is the comparison to quote: two separate runs of the suites differ by more
 than the builds do.
 """
@@ -114,7 +115,9 @@ def main():
             print(f"  {suite:<12} {case_id:<58} A {best['A'] * 1e3:9.3f} ms  B {best['B'] * 1e3:9.3f} ms  A/B {ratio:6.3f}",
                   flush=True)
         if logs:
-            print(f"{suite}: geometric mean A/B {math.exp(sum(logs) / len(logs)):.3f} over {len(logs)} cases", flush=True)
+            median = sorted(logs)[len(logs) // 2] if len(logs) % 2 else sum(sorted(logs)[len(logs) // 2 - 1:][:2]) / 2
+            print(f"{suite}: A/B over {len(logs)} cases: geometric mean {math.exp(sum(logs) / len(logs)):.3f}, "
+                  f"median {math.exp(median):.3f}", flush=True)
 
 
 if __name__ == "__main__":
