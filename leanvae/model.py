@@ -343,8 +343,11 @@ class LeanVAE(nn.Module):
         torch.save({"args": dict(vars(self.args)), "state_dict": self.state_dict()}, path)
 
     @classmethod
-    def load_from_checkpoint(cls, ckpt_path, device="cpu", strict=True, weights_only=True):
+    def load_from_checkpoint(cls, ckpt_path, device="cpu", strict=True, weights_only=True, variant=None):
         """Build a model from a published-format checkpoint `{"args": {...}, "state_dict": {...}}`.
+
+        `variant`: the published branch the checkpoint comes from (see `LeanVAE`); default: the variant its
+        `args` record (checkpoints we save do), else "original". The published branches do not record it.
 
         Extra entries in `args` (training options) are kept on `model.args` and otherwise ignored.
         """
@@ -368,7 +371,7 @@ class LeanVAE(nn.Module):
             ckpt_args = vars(ckpt_args)
         if not isinstance(ckpt_args, dict):
             raise ValueError(f"LeanVAE.load_from_checkpoint: 'args' must be a dict, got {type(ckpt_args).__name__}")
-        model = cls(argparse.Namespace(**{**DEFAULT_ARGS, **ckpt_args}))
+        model = cls(argparse.Namespace(**{**DEFAULT_ARGS, **ckpt_args}), variant=variant)
         if "state_dict" in checkpoint:
             model.load_state_dict(checkpoint["state_dict"], strict=strict)
         return model.to(device)
