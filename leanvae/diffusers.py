@@ -176,7 +176,14 @@ class AutoencoderLeanVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
             raise TypeError(f"AutoencoderLeanVAE.from_pretrained: torch_dtype must be a floating torch.dtype, got {torch_dtype!r}")
         path = _resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-        model = LeanVAE.load_from_checkpoint(path, device="cpu", strict=True, variant=model_variant)
+        try:
+            model = LeanVAE.load_from_checkpoint(path, device="cpu", strict=True, variant=model_variant)
+        except FileNotFoundError:
+            raise ValueError(f"AutoencoderLeanVAE.from_pretrained: checkpoint {path!r} not found") from None
+        except RuntimeError as exc:  # load_state_dict's several-line report: one line here
+            report = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise ValueError(f"AutoencoderLeanVAE.from_pretrained: the weights in {path!r} do not fit the model its args "
+                             f"describe: {report[:400]}{'...' if len(report) > 400 else ''}") from None
         vae = cls.from_leanvae(model)
         return _move(vae, device=device, dtype=torch_dtype).eval()
 
