@@ -21,7 +21,7 @@ carries Wan's per-channel mean and std: diffusers' Wan pipelines normalise with
 `import leanvae` never imports this module (or diffusers); this module's name does not shadow the
 `diffusers` package because every import here is absolute.
 """
-import argparse
+import functools
 import os
 
 import torch
@@ -30,6 +30,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 
+from leanvae.loading import SHORT_NAMES, load_model
 from leanvae.model import DEFAULT_ARGS, VARIANTS, WAN_LATENT_STATS, LeanVAE, make_args
 
 try:  # diffusers >= 0.35: the shared enable_tiling/enable_slicing interface (we override both)
@@ -175,15 +176,9 @@ class AutoencoderLeanVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                             f"revision, cache_dir, local_files_only; got also {sorted(unused)}")
         if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
             raise TypeError(f"AutoencoderLeanVAE.from_pretrained: torch_dtype must be a floating torch.dtype, got {torch_dtype!r}")
-        path = _resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-        try:
-            model = LeanVAE.load_from_checkpoint(path, device="cpu", strict=True, variant=model_variant)
-        except FileNotFoundError:
-            raise ValueError(f"AutoencoderLeanVAE.from_pretrained: checkpoint {path!r} not found") from None
-        except RuntimeError as exc:  # load_state_dict's several-line report: one line here
-            report = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-            raise ValueError(f"AutoencoderLeanVAE.from_pretrained: the weights in {path!r} do not fit the model its args "
-                             f"describe: {report[:400]}{'...' if len(report) > 400 else ''}") from None
+        # The plain model's loader: resolves names, reads only tensors, loads strictly, one-line errors.
+        model = load_model(name_or_path, device="cpu", strict=True, revision=revision, cache_dir=cache_dir,
+                           local_files_only=local_files_only, model_cls=functools.partial(LeanVAE, variant=model_variant))
         vae = cls.from_leanvae(model)
         return _move(vae, device=device, dtype=torch_dtype).eval()
 
@@ -278,24 +273,7 @@ def _is_published_checkpoint(name):
     if os.path.isdir(local):
         return not os.path.isfile(os.path.join(local, "config.json")) and any(
             n.endswith(_CHECKPOINT_SUFFIXES) for n in os.listdir(local))
-    if text.endswith(_CHECKPOINT_SUFFIXES):
-        return True
-    try:
-        from leanvae.loading import SHORT_NAMES
-    except ImportError:
-        return False
-    return text in SHORT_NAMES
-
-
-def _resolve(name_or_path, **hub):
-    try:
-        from leanvae.loading import resolve_checkpoint
-    except ImportError:  # a leanvae without the checkpoint resolver: local files only
-        path = os.path.expanduser(os.fspath(name_or_path))
-        if not os.path.isfile(path):
-            raise ValueError(f"AutoencoderLeanVAE.from_pretrained: checkpoint {os.fspath(name_or_path)!r} is not a file") from None
-        return path
-    return resolve_checkpoint(name_or_path, **hub)
+    return text.endswith(_CHECKPOINT_SUFFIXES) or text in SHORT_NAMES
 
 
 def convert_checkpoint(checkpoint, out_dir, *, model_variant=None, safe_serialization=True):

@@ -3,7 +3,8 @@
 Differences from the published code, all on paths where it crashes or accepts bad input:
 - a chunk size larger than the clip runs as one chunk (published: `UnboundLocalError`);
 - bad input raises `ValueError`/`TypeError` naming the problem (published: `assert` or a deep error);
-- `load_from_checkpoint` defaults to `strict=True` and validates the checkpoint format.
+- `load_from_checkpoint` defaults to `strict=True`, validates the checkpoint format and, when strict, refuses
+  a checkpoint without a `state_dict` (published: random weights, silently).
 Numbers are unchanged: every computation is the published one, in the same order.
 
 Variants (`LeanVAE(args, variant=...)`, or `args.variant`), each the model of one published branch:
@@ -17,6 +18,7 @@ Variants (`LeanVAE(args, variant=...)`, or `args.variant`), each the model of on
 The modules, and so the checkpoint keys, are the same in all three (the scaler has no parameters).
 """
 import argparse
+import warnings
 
 import torch
 import torch.nn as nn
@@ -372,6 +374,33 @@ class LeanVAE(nn.Module):
         if not isinstance(ckpt_args, dict):
             raise ValueError(f"LeanVAE.load_from_checkpoint: 'args' must be a dict, got {type(ckpt_args).__name__}")
         model = cls(argparse.Namespace(**{**DEFAULT_ARGS, **ckpt_args}), variant=variant)
-        if "state_dict" in checkpoint:
+        if "state_dict" not in checkpoint:
+            # The published loader keeps the random initial weights here; a model that silently
+            # reconstructs noise is worse than an error.
+            if strict:
+                raise ValueError(
+                    f"LeanVAE.load_from_checkpoint: {ckpt_path!r} has 'args' but no 'state_dict' (no weights); "
+                    "pass a trained checkpoint, or strict=False for a randomly initialised model"
+                )
+            warnings.warn(f"LeanVAE.load_from_checkpoint: {ckpt_path!r} has no 'state_dict'; "
+                          "the model keeps its random initial weights", stacklevel=2)
+        else:
             model.load_state_dict(checkpoint["state_dict"], strict=strict)
         return model.to(device)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, revision=None, cache_dir=None, local_files_only=False, strict=True,
+                        device="cpu"):
+        """A model in eval() mode with published (or your own) weights, e.g. `LeanVAE.from_pretrained("leanvae-4ch")`.
+
+        `name_or_path`: a checkpoint file, a folder holding one, a Hugging Face Hub file
+        ("Yumic/LeanVAE/LeanVAE-dim4.ckpt") or a short name ("leanvae-4ch", "leanvae-16ch"). Hub files are
+        downloaded once into huggingface_hub's cache (`pip install 'leanvae-kernels[hub]'`);
+        `local_files_only=True` or HF_HUB_OFFLINE=1 read the cache only. Loading is strict: a checkpoint
+        without weights or whose tensors do not fit is an error (`strict=False` loads what fits and warns).
+        See `leanvae.loading.load_model`.
+        """
+        from .loading import load_model
+
+        return load_model(name_or_path, device=device, strict=strict, revision=revision, cache_dir=cache_dir,
+                          local_files_only=local_files_only, model_cls=cls)
