@@ -159,6 +159,9 @@ class AutoencoderLeanVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         """
         if _is_published_checkpoint(pretrained_model_name_or_path):
             return cls.from_published_checkpoint(pretrained_model_name_or_path, **kwargs)
+        # A 40M-parameter model: diffusers' empty-weights initialisation (which needs accelerate, and warns
+        # without it) saves nothing worth having.
+        kwargs.setdefault("low_cpu_mem_usage", False)
         vae = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         dtype = kwargs.get("torch_dtype")
         if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
