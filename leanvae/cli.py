@@ -1,4 +1,4 @@
-"""Command line: `python -m leanvae {info,bench,reconstruct,encode,decode,convert}`."""
+"""Command line: `python -m leanvae {info,bench,reconstruct,encode,decode,verify,convert}`."""
 import argparse
 import os
 import platform
@@ -161,6 +161,13 @@ def cmd_reconstruct(args):
         handle = use_fused_kernels(model)
     if args.tile:
         model.set_tile_inference(True)
+    if args.tile_size:
+        if args.parallel:
+            return fail("--tile-size cannot be combined with --parallel")
+        try:
+            model.enable_tiling(*args.tile_size)
+        except (ValueError, TypeError) as exc:
+            return fail(f"--tile-size {args.tile_size[0]}x{args.tile_size[1]}: {exc}")
     x = to_model_input(frames).to(device=device, dtype=dtype)
     start = time.perf_counter()
     if args.parallel:  # each rank encodes and decodes its band of rows; every rank gathers the clip
@@ -203,7 +210,7 @@ def cmd_encode(args):
             args.inputs, args.out, args.checkpoint, frames=args.frames, stride=args.stride,
             max_clips_per_video=args.max_clips_per_video, whole=args.whole, size=args.size, fps=args.fps,
             dtype=_DTYPES[args.dtype], device=args.device, batch_size=args.batch_size, fused=args.fused,
-            tile=args.tile, videos_per_shard=args.videos_per_shard, workers=args.workers,
+            tile=args.tile, tile_size=args.tile_size, videos_per_shard=args.videos_per_shard, workers=args.workers,
             overwrite=args.overwrite, quiet=args.quiet)
     except (ValueError, EncodeError) as exc:
         print(f"leanvae encode: {exc}", file=sys.stderr)
@@ -233,6 +240,30 @@ def cmd_decode(args):
         return 2
     if not args.quiet:
         print(f"wrote {len(paths)} videos to {args.out}")
+    return 0
+
+
+def cmd_verify(args):
+    from .shards import verify_dataset
+
+    try:
+        rep = verify_dataset(args.dir, checksum=args.checksum)
+    except ValueError as exc:
+        print(f"leanvae verify: {exc}", file=sys.stderr)
+        return 2
+    for note in rep["notes"]:
+        print(f"note: {note}")
+    n = rep["bytes"]
+    size = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+    what = (f"{rep['shards']} shard(s) ({size}{', SHA-256 checked' if args.checksum else ', sizes only'}), "
+            f"{rep['clips']} clip(s), {rep['errors']} skipped input(s)")
+    if rep["problems"]:
+        for p in rep["problems"]:
+            print(f"DAMAGED: {p}")
+        print(f"{args.dir}: {len(rep['problems'])} problem(s); intact: {what}. Rerun the encode command to "
+              f"re-encode damaged shards and rewrite the index")
+        return 1
+    print(f"{args.dir}: OK: {what}")
     return 0
 
 
@@ -304,6 +335,8 @@ def build_parser():
     r.add_argument("--checkpoint", required=True, help="a LeanVAE checkpoint {'args': ..., 'state_dict': ...}")
     r.add_argument("--fused", action="store_true", help="run with the fused kernels")
     r.add_argument("--tile", action="store_true", help="temporal tiled inference (the model's chunk sizes)")
+    r.add_argument("--tile-size", type=_size, default=None, metavar="HxW", help="exact spatial tiling: frames in "
+                   "tiles of at most HxW pixels (multiples of 8), each with a halo of the receptive field")
     r.add_argument("--frames", type=int, default=None, help="frames to use, 1+4k (default: as many as fit)")
     r.add_argument("--device", default=None)
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -327,6 +360,8 @@ def build_parser():
     e.add_argument("--batch-size", type=int, default=1, help="clips per model call (clips of one video)")
     e.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused kernels (default on)")
     e.add_argument("--tile", action="store_true", help="temporal tiled encode (the model's chunk size)")
+    e.add_argument("--tile-size", type=_size, default=None, metavar="HxW", help="exact spatial tiling: frames in "
+                   "tiles of at most HxW pixels (multiples of 8), each with a halo of the receptive field")
     e.add_argument("--videos-per-shard", type=int, default=16)
     e.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding video (0: in process)")
     e.add_argument("--overwrite", action="store_true", help="delete what DIR holds and start over")
@@ -345,6 +380,13 @@ def build_parser():
     d.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_decode)
+
+    v = sub.add_parser("verify", help="check a DIR written by `encode`: shards against shards.jsonl (size, SHA-256, "
+                                      "tensors), index and errors against the shards and meta.json; exit 1 on damage")
+    v.add_argument("dir", help="a DIR written by `leanvae encode`")
+    v.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
+                   help="hash every shard (default; --no-checksum: sizes and headers only)")
+    v.set_defaults(func=cmd_verify)
     _add_convert_parser(sub)
     return p
 
