@@ -196,14 +196,11 @@ class AutoencoderLeanVAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     def enable_tiling(self, tile_sample_min_height=None, tile_sample_min_width=None):
         """Exact spatial tiling: the plain model's `enable_tiling` (tiles with a halo as wide as the network's
         receptive field, so tiled and untiled outputs agree to float rounding). Sizes in pixels; None: its default."""
-        if not hasattr(self.model, "enable_tiling"):
-            raise NotImplementedError("AutoencoderLeanVAE.enable_tiling: this version of leanvae.LeanVAE has no spatial tiling")
         self.model.enable_tiling(tile_sample_min_height=tile_sample_min_height, tile_sample_min_width=tile_sample_min_width)
         self.use_tiling = True
 
     def disable_tiling(self):
-        if hasattr(self.model, "disable_tiling"):
-            self.model.disable_tiling()
+        self.model.disable_tiling()
         self.use_tiling = False
 
     # ---------------------------------------------------------------------------- encode / decode
