@@ -127,11 +127,11 @@ def test_scale_latent_false_is_the_wan_space(variant):
         assert torch.equal(model.decode(z), model.decode(z * std + mean, scale_latent=False))
 
 
-@pytest.mark.parametrize("variant", ["wan2.1", "wan2.2"])
-def test_spatial_tiling_normalises_once(variant):
+def test_spatial_tiling_normalises_once():
     """Tiled encode/decode of a Wan variant equals untiled (tiling's float32 bound, 1e-6 of the output's
-    scale) in both latent spaces: the scaler runs once, in the outermost call, never per tile."""
-    model, _ = ours_with_seeded_weights(variant, CONFIGS[variant])
+    scale) in both latent spaces: the scaler runs once, in the outermost call, never per tile. (One
+    variant: wan2.2 differs only in the statistics; the receptive-field probe costs seconds per config.)"""
+    model, _ = ours_with_seeded_weights("wan2.1", CONFIGS["wan2.1"])
     x = torch.rand(1, 3, 5, 32, 48, generator=torch.Generator().manual_seed(4)) * 2 - 1
     with torch.no_grad():
         want = {s: model.encode(x, scale_latent=s) for s in (True, False)}
