@@ -1,4 +1,4 @@
-"""Command line: `python -m leanvae {info,bench,reconstruct,encode,decode,verify}`."""
+"""Command line: `python -m leanvae {info,bench,reconstruct,encode,decode,verify,convert}`."""
 import argparse
 import os
 import platform
@@ -267,6 +267,42 @@ def cmd_verify(args):
     return 0
 
 
+def cmd_convert(args):
+    """Write a diffusers folder (config.json + safetensors) for a published checkpoint."""
+    try:
+        from .diffusers import convert_checkpoint
+    except ImportError as exc:
+        print(f"leanvae convert: needs diffusers ({exc}); pip install 'leanvae-kernels[diffusers]'", file=sys.stderr)
+        return 2
+    out = args.out_dir
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not args.overwrite):
+        print(f"leanvae convert: {out!r} exists and is not an empty folder; pass --overwrite to write into it", file=sys.stderr)
+        return 2
+    try:
+        vae = convert_checkpoint(args.checkpoint, out, model_variant=args.variant)
+    except (ValueError, TypeError, OSError) as exc:
+        # One line: torch's unpickling errors, quoted inside some messages, span several.
+        print("leanvae convert: " + "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
+        return 2
+    c = vae.config
+    print(f"wrote {out}: AutoencoderLeanVAE, variant {c.model_variant}, z_dim {c.z_dim}, "
+          f"{sum(t.numel() for t in vae.parameters()) / 1e6:.1f}M parameters; "
+          "load it with leanvae.diffusers.AutoencoderLeanVAE.from_pretrained")
+    return 0
+
+
+def _add_convert_parser(sub):
+    c = sub.add_parser("convert", help="write a diffusers AutoencoderLeanVAE folder from a published checkpoint "
+                                       "(needs the diffusers extra)")
+    c.add_argument("checkpoint", help="published checkpoint: a file, a folder holding one, owner/repo/file.ckpt "
+                                      "or a short name")
+    c.add_argument("out_dir", help="folder to write config.json and diffusion_pytorch_model.safetensors into")
+    c.add_argument("--variant", choices=["original", "wan2.1", "wan2.2"], default=None,
+                   help="the published branch the checkpoint comes from (default: recorded in it, else original)")
+    c.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    c.set_defaults(func=cmd_convert)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m leanvae", description="LeanVAE with fused kernels")
     sub = p.add_subparsers(dest="command", required=True)
@@ -351,6 +387,7 @@ def build_parser():
     v.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
                    help="hash every shard (default; --no-checksum: sizes and headers only)")
     v.set_defaults(func=cmd_verify)
+    _add_convert_parser(sub)
     return p
 
 

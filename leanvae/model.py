@@ -6,6 +6,16 @@ Differences from the published code, all on paths where it crashes or accepts ba
 - `load_from_checkpoint` defaults to `strict=True`, validates the checkpoint format and, when strict, refuses
   a checkpoint without a `state_dict` (published: random weights, silently).
 Numbers are unchanged: every computation is the published one, in the same order.
+
+Variants (`LeanVAE(args, variant=...)`, or `args.variant`), each the model of one published branch:
+- "original" (the main branch): inputs in [-0.5, 0.5], any `latent_dim` (published checkpoints: 4, 16);
+- "wan2.1" (branch `align-wan-2-1`): inputs in [-1, 1], `latent_dim` 16, trained so that its latent matches
+  the Wan 2.1 VAE's; `encode` ends by normalising the latent with Wan 2.1's per-channel mean and std
+  (`LatentScaler`), `decode` starts by undoing it;
+- "wan2.2" (branch `align-wan-2-2`): the same with `latent_dim` 48 and Wan 2.2's statistics. That branch's
+  README speaks of a 4x16x16 model, but its code (the only thing its checkpoints were trained with) builds
+  the same 4x8x8 patching as the others, so this is what runs here.
+The modules, and so the checkpoint keys, are the same in all three (the scaler has no parameters).
 """
 import argparse
 import warnings
@@ -32,13 +42,80 @@ DEFAULT_ARGS = dict(
     chunksize_dec=5,
 )
 
+VARIANTS = ("original", "wan2.1", "wan2.2")
 
-def make_args(**overrides):
-    """An `argparse.Namespace` with the published defaults, updated by `overrides`."""
+#: Per-channel mean and std of the Wan VAEs' latents, as the published branches hard-code them in their
+#: `LatentScaler` (the same statistics the Wan VAEs themselves normalise with).
+WAN_LATENT_STATS = {
+    "wan2.1": (
+        [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+         0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+        [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+         3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160],
+    ),
+    "wan2.2": (
+        [-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+         -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+         -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+         -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+         -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+         0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667],
+        [0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+         0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+         0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+         0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+         0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+         0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744],
+    ),
+}
+
+#: The latent width each variant's branch builds (wan2.1 sets it in its constructor, wan2.2 defaults to it).
+_VARIANT_LATENT_DIM = {"wan2.1": 16, "wan2.2": 48}
+
+#: Pixel range the model's input and output live in, by variant.
+INPUT_RANGE = {"original": (-0.5, 0.5), "wan2.1": (-1.0, 1.0), "wan2.2": (-1.0, 1.0)}
+
+
+def _check_variant(variant, where):
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"{where}: variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
+    return variant
+
+
+def make_args(variant="original", **overrides):
+    """An `argparse.Namespace` with the published defaults of `variant`'s branch, updated by `overrides`."""
+    _check_variant(variant, "make_args")
     unknown = set(overrides) - set(DEFAULT_ARGS)
     if unknown:
         raise TypeError(f"make_args: unknown argument(s) {sorted(unknown)}; expected some of {sorted(DEFAULT_ARGS)}")
-    return argparse.Namespace(**{**DEFAULT_ARGS, **overrides})
+    fixed = _VARIANT_LATENT_DIM.get(variant)
+    if fixed is not None and overrides.get("latent_dim", fixed) != fixed:
+        raise ValueError(f"make_args: variant {variant!r} has latent_dim {fixed}, got latent_dim={overrides['latent_dim']}")
+    defaults = dict(DEFAULT_ARGS, latent_dim=fixed) if fixed is not None else DEFAULT_ARGS
+    return argparse.Namespace(**{**defaults, **overrides, "variant": variant})
+
+
+class LatentScaler:
+    """The Wan branches' latent normalisation: encode ends with `(z - mean) / std`, decode starts with `z * std + mean`.
+
+    z: (B, C, T, H, W) with C = len(mean). The statistics stay float32 CPU tensors, off the module tree as
+    published (no state_dict keys, untouched by `model.to(dtype)`), and the arithmetic runs in float32
+    (`(z - mean) * (1 / std)` and `z * std + mean`, the published expressions) before casting back to z's
+    dtype, so float32 results are the published ones bit for bit.
+    """
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.inv_std = 1.0 / self.std
+
+    def enc_norm(self, z):
+        dev = z.device
+        return ((z.float() - self.mean.to(dev)) * self.inv_std.to(dev)).to(z.dtype)
+
+    def dec_norm(self, z):
+        dev = z.device
+        return (z.float() * self.std.to(dev) + self.mean.to(dev)).to(z.dtype)
 
 
 def _describe(t):
@@ -48,14 +125,30 @@ def _describe(t):
 class LeanVAE(nn.Module):
     """Video/image VAE. Video x: (B, 3, 1+4k, H, W), image x: (B, 3, H, W), H and W divisible by 8.
 
-    Latent z: (B, latent_dim, 1+k, H/8, W/8) (images: 1 frame).
+    Latent z: (B, latent_dim, 1+k, H/8, W/8) (images: 1 frame). Pixels in `model.input_range`
+    ([-0.5, 0.5] for variant "original", [-1, 1] for the Wan variants).
+
+    `variant` ("original", "wan2.1", "wan2.2"; default: `args.variant`, else "original") picks the
+    published branch this model follows (see the module docstring). "wan2.1" uses latent_dim 16 whatever
+    `args` says, as its branch does; "wan2.2" needs latent_dim 48.
     """
 
-    def __init__(self, args=None):
+    def __init__(self, args=None, variant=None):
         super().__init__()
+        if variant is None:
+            variant = getattr(args, "variant", None) or "original"
+        _check_variant(variant, "LeanVAE")
         if args is None:
-            args = make_args()
+            args = make_args(variant=variant)
+        # A copy: the published wan2.1 constructor overwrites latent_dim on the caller's namespace.
+        args = argparse.Namespace(**{**vars(args), "variant": variant})
+        if variant == "wan2.1":
+            args.latent_dim = 16
+        if variant == "wan2.2" and args.latent_dim != 48:
+            raise ValueError(f"LeanVAE: variant 'wan2.2' needs latent_dim 48 (Wan 2.2's latent width), got {args.latent_dim}")
         self.args = args
+        self.variant = variant
+        self.norm = LatentScaler(*WAN_LATENT_STATS[variant]) if variant in WAN_LATENT_STATS else None
         self.embedding_dim = args.embedding_dim
         self.latent_bottleneck = ISTA(
             points_num=args.embedding_dim, out_num=args.latent_dim, iter_num=args.ista_iter_num, layer_num=args.ista_layer_num
@@ -71,9 +164,14 @@ class LeanVAE(nn.Module):
         self.set_tile_inference(bool(getattr(args, "use_tile_inference", False)))
 
     @classmethod
-    def from_config(cls, **overrides):
-        """Build with the published defaults, e.g. `LeanVAE.from_config(latent_dim=16)`."""
-        return cls(make_args(**overrides))
+    def from_config(cls, variant="original", **overrides):
+        """Build with the published defaults, e.g. `LeanVAE.from_config(latent_dim=16)` or `from_config("wan2.1")`."""
+        return cls(make_args(variant, **overrides))
+
+    @property
+    def input_range(self):
+        """(low, high) of the pixels `encode` takes and `decode` returns: (-0.5, 0.5) or, for Wan variants, (-1, 1)."""
+        return INPUT_RANGE[self.variant]
 
     # ----------------------------------------------------------------- tiling
     def _set_first_chunk(self, is_first_chunk=True):
@@ -173,13 +271,17 @@ class LeanVAE(nn.Module):
             )
 
     # ---------------------------------------------------------------- public
-    def encode(self, x):
-        """x: (B, 3, 1+4k, H, W) or (B, 3, H, W) -> z: (B, latent_dim, 1+k, H/8, W/8)."""
+    def encode(self, x, scale_latent=True):
+        """x: (B, 3, 1+4k, H, W) or (B, 3, H, W) -> z: (B, latent_dim, 1+k, H/8, W/8).
+
+        Wan variants normalise z with Wan's statistics, as published; `scale_latent=False` returns it in the
+        Wan VAE's own (un-normalised) space instead (no effect for variant "original").
+        """
         self._check_input(x, "encode")
         if self._tiled():
             from .tiling import tiled_encode
 
-            return tiled_encode(self, x, (self.tile_sample_min_height, self.tile_sample_min_width))
+            return self._encoded(tiled_encode(self, x, (self.tile_sample_min_height, self.tile_sample_min_width)), scale_latent)
         if x.ndim == 4:
             x = x.unsqueeze(2)
             self.set_tile_inference(False)  # as published: encoding an image switches tiling off
@@ -193,11 +295,24 @@ class LeanVAE(nn.Module):
         else:
             p = self.encoder.encode(x=self.dwt(x))
             z = self.latent_bottleneck.sample(p)
-        return z.permute(0, 4, 1, 2, 3)
+        return self._encoded(z.permute(0, 4, 1, 2, 3), scale_latent)
 
-    def decode(self, z, is_image=False):
-        """z: (B, latent_dim, 1+k, h, w) -> video (B, 3, 1+4k, 8h, 8w), or image (B, 3, 8h, 8w) if `is_image`."""
+    def _encoded(self, z, scale_latent):
+        # Wan variants: normalise once, in the outermost call (a tile's own call returns the raw latent).
+        if self.norm is not None and scale_latent and not self._tiling_inner:
+            z = self.norm.enc_norm(z)
+        return z
+
+    def decode(self, z, is_image=False, scale_latent=True):
+        """z: (B, latent_dim, 1+k, h, w) -> video (B, 3, 1+4k, 8h, 8w), or image (B, 3, 8h, 8w) if `is_image`.
+
+        Wan variants take z normalised with Wan's statistics, as published; `scale_latent=False` takes it in
+        the Wan VAE's own (un-normalised) space instead (no effect for variant "original").
+        """
         self._check_latent(z, "decode")
+        # Wan variants: un-normalise once, in the outermost call (a tile's own call takes the raw latent).
+        if self.norm is not None and scale_latent and not self._tiling_inner:
+            z = self.norm.dec_norm(z)
         if is_image and z.shape[2] != 1:
             raise ValueError(f"LeanVAE.decode: is_image=True needs one latent frame, got T={z.shape[2]}")
         if self._tiled():
@@ -230,7 +345,8 @@ class LeanVAE(nn.Module):
     def forward(self, x, log_image=False):
         """Training pass on a video (B, 3, 1+4k, H, W), k >= 1.
 
-        Returns (x, x_recon, x_dwt, x_dwt_rec, posterior), or (x, x_recon) with `log_image`.
+        Returns (x, x_recon, x_dwt, x_dwt_rec, posterior), or (x, x_recon) with `log_image`; the Wan
+        variants return (x, x_recon, z) as their branches do (see `_forward_wan`).
         """
         self._check_input(x, "forward")
         if x.ndim != 5 or x.shape[2] < 5:
@@ -238,6 +354,8 @@ class LeanVAE(nn.Module):
         x_dwt = self.dwt(x)
         p = self.encoder(x=x_dwt)
         z_mean = self.latent_bottleneck.sample(p)
+        if self.variant != "original":
+            return self._forward_wan(x, p, z_mean, log_image)
         z_std = self.std_layer(p)
         posterior = DiagonalGaussianDistribution(parameters=(z_mean, z_std))
         z = posterior.sample()
@@ -248,14 +366,32 @@ class LeanVAE(nn.Module):
             return x, x_recon
         return x, x_recon, x_dwt, x_dwt_rec, posterior
 
+    def _forward_wan(self, x, p, z_mean, log_image):
+        """The Wan branches' training pass: (x, x_recon, Wan-normalised z_mean (B, latent_dim, T', h, w)).
+
+        wan2.1 decodes the mean itself (its branch does not use `std_layer` here); wan2.2 decodes a sample
+        of the diagonal Gaussian, as the original does.
+        """
+        if self.variant == "wan2.2":
+            z = DiagonalGaussianDistribution(parameters=(z_mean, self.std_layer(p))).sample()
+        else:
+            z = z_mean
+        x_recon = self.idwt(x=self.decoder(self.latent_bottleneck.recon(z)))
+        if log_image:
+            return x, x_recon
+        return x, x_recon, self.norm.enc_norm(z_mean.permute(0, 4, 1, 2, 3))
+
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, path):
         """Write `{"args": {...}, "state_dict": {...}}`, the published checkpoint format."""
         torch.save({"args": dict(vars(self.args)), "state_dict": self.state_dict()}, path)
 
     @classmethod
-    def load_from_checkpoint(cls, ckpt_path, device="cpu", strict=True, weights_only=True):
+    def load_from_checkpoint(cls, ckpt_path, device="cpu", strict=True, weights_only=True, variant=None):
         """Build a model from a published-format checkpoint `{"args": {...}, "state_dict": {...}}`.
+
+        `variant`: the published branch the checkpoint comes from (see `LeanVAE`); default: the variant its
+        `args` record (checkpoints we save do), else "original". The published branches do not record it.
 
         Extra entries in `args` (training options) are kept on `model.args` and otherwise ignored.
         """
@@ -279,7 +415,7 @@ class LeanVAE(nn.Module):
             ckpt_args = vars(ckpt_args)
         if not isinstance(ckpt_args, dict):
             raise ValueError(f"LeanVAE.load_from_checkpoint: 'args' must be a dict, got {type(ckpt_args).__name__}")
-        model = cls(argparse.Namespace(**{**DEFAULT_ARGS, **ckpt_args}))
+        model = cls(argparse.Namespace(**{**DEFAULT_ARGS, **ckpt_args}), variant=variant)
         if "state_dict" not in checkpoint:
             # The published loader keeps the random initial weights here; a model that silently
             # reconstructs noise is worse than an error.
