@@ -27,7 +27,7 @@ from leanvae_kernels import _native
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 EMU_DIR = os.path.join(ROOT, "tests", "emulation")
-BUILD_FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas")
+BUILD_FLAGS = ("-std=c++17", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare")
 
 
 class RaceReport(AssertionError):

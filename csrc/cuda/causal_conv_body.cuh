@@ -23,10 +23,8 @@
 
 #ifdef __CUDACC__
 #define LV_HD __host__ __device__ __forceinline__
-#define LV_UNROLL _Pragma("unroll")
 #else
 #define LV_HD inline
-#define LV_UNROLL
 #endif
 
 // acc + w * x rounded once: what nvcc makes of the update (an FFMA), written out so that the host build

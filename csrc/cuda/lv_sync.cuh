@@ -19,11 +19,13 @@
 //   LV_SPTR(T)                        T*: a pointer into shared memory
 //   LV_LDS4(p)                        *reinterpret_cast<const float4*>(p): 16 bytes of shared memory
 //   LV_DEV                            __device__ __forceinline__
+//   LV_UNROLL                         #pragma unroll
 #pragma once
 
 #if defined(__CUDACC__)
 
 #define LV_DEV __device__ __forceinline__
+#define LV_UNROLL _Pragma("unroll")
 #define LV_SYNC(id) __syncthreads()
 #define LV_SYNC_OR(id, pred) __syncthreads_or(pred)
 #define LV_SHFL_XOR(id, mask, v, lm) __shfl_xor_sync((mask), (v), (lm))
@@ -37,6 +39,7 @@
 
 #include "lv_emu.h"
 #define LV_DEV inline
+#define LV_UNROLL
 #define LV_SYNC(id) ::lvemu::sync((id), __FILE__, __LINE__)
 #define LV_SYNC_OR(id, pred) ::lvemu::sync_or((id), __FILE__, __LINE__, (pred))
 #define LV_SHFL_XOR(id, mask, v, lm) ::lvemu::shfl_xor((id), __FILE__, __LINE__, (mask), (v), (lm))

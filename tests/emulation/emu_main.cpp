@@ -6,6 +6,9 @@
 #include <string>
 
 #include "emu_conv.h"
+#include "emu_soft_threshold.h"
+#include "emu_ista.h"
+#include "emu_haar.h"
 
 namespace leanvae {
 const char* dtype_name(int dtype) {
@@ -32,6 +35,12 @@ const std::map<std::string, Fn>& kernels() {
       {"causal_dwconv3d_fwd_cudaemu_vec", [](const leanvae::KernelArgs& a) { c::conv<false>(a, 1); }},
       {"causal_dwconv3d_bwd_input_cudaemu_vec", [](const leanvae::KernelArgs& a) { c::conv<true>(a, 1); }},
       {"causal_dwconv3d_bwd_weight_cudaemu_vec", [](const leanvae::KernelArgs& a) { c::wgrad(a, true); }},
+      {"soft_threshold_fwd", lvemu::soft_threshold::fwd},
+      {"soft_threshold_bwd", lvemu::soft_threshold::bwd},
+      {"ista_step_fwd", lvemu::ista::fwd},
+      {"ista_step_bwd", lvemu::ista::bwd},
+      {"haar_analysis", lvemu::haar::analysis},
+      {"haar_synthesis", lvemu::haar::synthesis},
   };
   return k;
 }
@@ -71,6 +80,9 @@ const char* emu_call(const char* name, int n, const void* const* ptrs, const int
   }
   return nullptr;
 }
+
+// Streaming multiprocessors of the emulated device (ISTA launches size their grid by it).
+void emu_set_sms(int n) { lvemu::ista::sms() = n; }
 
 // Clears the reports and disables the sync point `mutation` ("" for none) from now on.
 void emu_reset(const char* mutation) { lvemu::reset(mutation); }
