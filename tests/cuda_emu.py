@@ -20,8 +20,6 @@ import shutil
 import subprocess
 import tempfile
 
-import torch
-
 from leanvae_kernels import _native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,10 +143,6 @@ def sync_points():
                 for m in _SYNC_MACRO.finditer(line):
                     found.append((m.group(2), KINDS[m.group(1)], f"{fname}:{lineno}"))
     return found
-
-
-def empty_like_nan(t):
-    return torch.full_like(t, float("nan"))
 
 
 def conv_fns(suffix=""):
