@@ -198,3 +198,20 @@ def test_emulated_soft_threshold_matches_cpu(n, dtype):
         out2 = torch.full_like(x, float("nan"))
         run("soft_threshold_fwd", [buf, theta, out2])
         assert torch.equal(out2, out)
+
+
+def test_the_package_ships_no_emulation():
+    """The emulation is test code: the module `import leanvae_kernels` loads registers no emulated kernel,
+    and no Python module of the package refers to the emulation."""
+    from leanvae_kernels import _native
+
+    mod, reason = _native.module("cpu")
+    assert mod is not None, reason
+    assert not [k for k in mod.kernels() if "emu" in k]
+    pkg = os.path.dirname(os.path.dirname(_native.__file__))
+    for sub in ("leanvae_kernels", "leanvae"):
+        for dirpath, _, files in os.walk(os.path.join(pkg, sub)):
+            for f in files:
+                if f.endswith(".py"):
+                    text = open(os.path.join(dirpath, f)).read()
+                    assert "cudaemu" not in text and "cuda_emu" not in text and "lv_emu" not in text, f
