@@ -2,8 +2,8 @@
 // Test support only: compiled by the test suite (tests/cuda_emu.py) into a temporary shared library, never
 // part of the package.
 //
-// Execution: a launch runs its blocks one after the other; the threads of a block run as fibers (ucontext)
-// on one OS thread, each until it blocks: at a barrier (LV_SYNC, LV_SYNC_OR), at a warp shuffle
+// Execution: a launch runs its blocks one after the other; the threads of a block run as fibers (started
+// with ucontext, switched with _setjmp / _longjmp) on one OS thread, each until it blocks: at a barrier (LV_SYNC, LV_SYNC_OR), at a warp shuffle
 // (LV_SHFL_*), or at its end. Warps are not run in lockstep (they are not since Volta): a shuffle waits
 // for every lane of its mask, nothing else does.
 //
@@ -26,6 +26,7 @@
 // __syncthreads_or returns the thread's own predicate, a wait_group waits for one group less, a shuffle
 // mask loses its highest lane), so that one build serves every mutation.
 #pragma once
+#include <setjmp.h>
 #include <ucontext.h>
 #include <sys/mman.h>
 
@@ -85,7 +86,9 @@ struct Copy {
 enum FiberState { kReady = 0, kAtBarrier = 1, kAtShuffle = 2, kDone = 3 };
 
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t ctx;  // to start the fiber; switches after that by _setjmp / _longjmp (no signal-mask syscall)
+  jmp_buf jb;
+  bool started = false;
   void* stack = nullptr;
   unsigned tid = 0;
   int state = kReady;
@@ -139,6 +142,7 @@ struct State {
   unsigned nthreads = 0;
   Fiber* cur = nullptr;
   ucontext_t sched;
+  jmp_buf sched_jb;
   const std::function<void()>* body = nullptr;
 };
 
@@ -345,14 +349,14 @@ inline SPtr<T> dynamic_shared(const char* name) {
 // ------------------------------------------------------------------------------------------ scheduler
 inline void yield_to_scheduler() {
   State& s = S();
-  swapcontext(&s.cur->ctx, &s.sched);
+  if (!_setjmp(s.cur->jb)) _longjmp(s.sched_jb, 1);
 }
 
 inline void fiber_entry() {
   State& s = S();
   (*s.body)();
   s.cur->state = kDone;
-  // returning resumes uc_link (the scheduler)
+  _longjmp(s.sched_jb, 1);  // never returns: the scheduler resumes where it switched to this fiber
 }
 
 inline void switch_to(Fiber& f) {
@@ -360,7 +364,14 @@ inline void switch_to(Fiber& f) {
   const unsigned bx = blockDim.x, by = blockDim.y;
   threadIdx = dim3(f.tid % bx, (f.tid / bx) % by, f.tid / (bx * by));
   s.cur = &f;
-  swapcontext(&s.sched, &f.ctx);
+  if (!_setjmp(s.sched_jb)) {
+    if (f.started) {
+      _longjmp(f.jb, 1);
+    } else {
+      f.started = true;
+      swapcontext(&s.sched, &f.ctx);  // s.sched is never resumed: the fiber comes back by _longjmp
+    }
+  }
   s.cur = nullptr;
 }
 
@@ -479,6 +490,7 @@ inline void run_block(unsigned nthreads) {
     f.ctx.uc_link = &s.sched;
     makecontext(&f.ctx, fiber_entry, 0);
     f.tid = t;
+    f.started = false;
     f.state = kReady;
     f.wait_id = nullptr;
     f.pred = 0;
