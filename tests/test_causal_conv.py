@@ -7,13 +7,14 @@ they get a few small cases; the native CPU kernels get the full matrix.
 import pytest
 import torch
 from conftest import DEVICE, kernel_backends
+from cuda_emu import conv_fns
 from cuda_tools import ROOT as ROOT_DIR, find_nvcc, ptxas_usage
 from helpers import DTYPE_IDS, assert_close, case_id, strided
 
 import leanvae_kernels as lk
 from leanvae.modules import PEG3D
 from leanvae_kernels.ops._common import vjp
-from leanvae_kernels.ops.causal_conv import causal_dwconv3d_reference, cuda_emulation, cuda_emulation_vec
+from leanvae_kernels.ops.causal_conv import causal_dwconv3d_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, T, H, W, C): the model's channel counts, odd channel counts and sizes, one frame, a 1x1 frame.
@@ -255,11 +256,13 @@ def test_compile_fullgraph():
 
 
 # ------------------------------------------------------------------------------- CUDA kernels, on the CPU
-# The forward and grad-input kernels stage each frame's tile (4 rows x 8 or 16 pixels x 32 channels, plus the
-# halo) in shared memory, then compute from it; the emulation runs those phases block by block. The scalar
+# The forward and grad-input kernels stage each frame's tile (4 rows x 8 pixels x 32 channels, plus the halo)
+# in shared memory, then compute from it; the emulation (tests/cuda_emu.py) runs every thread of a block as a
+# fiber under a race checker, and a call that it reports on fails. The scalar
 # access path takes any strides; the vector path (16-byte loads) needs channel stride 1, C and strides
 # multiples of 16 bytes' worth of elements, and 16-byte aligned tensors, and its emulation refuses anything
 # else (the CUDA launcher sends such inputs to the scalar path).
+cuda_emulation, cuda_emulation_vec = conv_fns("_cudaemu"), conv_fns("_cudaemu_vec")
 EMULATIONS = {"scalar_access": cuda_emulation, "vector_access": cuda_emulation_vec}
 # C = 20: not a multiple of 8 (16-bit types take the scalar path, float32 the vector one); 40 and 72: partial
 # 32-channel tiles; W = 9, 13, 17 and H = 5, 6: partial pixel and row tiles; H = 1; T = 1.
@@ -270,6 +273,7 @@ def _vector_ok(shape, dtype):
     return shape[-1] % (16 // torch.tensor([], dtype=dtype).element_size()) == 0
 
 
+@pytest.mark.racecheck
 @pytest.mark.parametrize("access", list(EMULATIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("group_size", [0, 2, 3])
@@ -310,6 +314,7 @@ def test_cuda_thread_bodies_on_cpu(dtype, group_size, shape, access):
     assert torch.equal(y1, y_full) and torch.equal(c1, c_full)
 
 
+@pytest.mark.racecheck
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("group_size", [0, 2])
 def test_cuda_access_paths_agree_bit_for_bit(group_size, dtype):
@@ -330,6 +335,7 @@ def test_cuda_access_paths_agree_bit_for_bit(group_size, dtype):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.racecheck
 def test_cuda_wgrad_vector_path_with_cache_and_x_of_other_strides():
     """The grad weight's vector path hoists separate 32-bit offsets for x, the cache and grad_y: with each
     laid out differently (aligned, padded rows and columns, channel stride 1) it equals the scalar path
@@ -351,6 +357,7 @@ def test_cuda_wgrad_vector_path_with_cache_and_x_of_other_strides():
         assert_close(v, e, dtype, msg=f"grad of {name}")
 
 
+@pytest.mark.racecheck
 @pytest.mark.parametrize("access", list(EMULATIONS))
 @pytest.mark.parametrize("group_size", [0, 2])
 def test_cuda_three_row_slab_gives_the_whole_frames_row(access, group_size):
@@ -367,6 +374,7 @@ def test_cuda_three_row_slab_gives_the_whole_frames_row(access, group_size):
         assert torch.equal(ys[:, :, 1], y[:, :, r]), r
 
 
+@pytest.mark.racecheck
 @pytest.mark.parametrize("kind", ["channel_offset", "odd_pixel_stride", "transposed"])
 def test_cuda_vector_path_refuses_misaligned_views(kind):
     """What the CUDA launcher sends to the scalar path (cc::conv_vec_ok): a view whose start is not 16-byte

@@ -9,8 +9,9 @@ in the forward, skip out-of-range taps in grad input and grad weight.
 import pytest
 import torch
 from conftest import DEVICE, kernel_backends
+from cuda_emu import conv_fns
 
-from leanvae_kernels.ops.causal_conv import causal_dwconv3d_reference, cuda_emulation, cuda_emulation_vec
+from leanvae_kernels.ops.causal_conv import causal_dwconv3d_reference
 import leanvae_kernels as lk
 
 INF, NAN = float("inf"), float("nan")
@@ -52,7 +53,7 @@ def _case(group_size, with_cache, w, where, value, c=2):
 def _run(fn, t, group_size):
     """(y, grads of x, weight, bias, cache) with upstream gradients grad_y and grad_cache."""
     if fn.startswith("cuda_emulation"):
-        fwd, bwd = cuda_emulation_vec if fn == "cuda_emulation_vec" else cuda_emulation
+        fwd, bwd = conv_fns("_cudaemu_vec" if fn == "cuda_emulation_vec" else "_cudaemu")
         y, _ = fwd(t["x"], t["weight"], t["bias"], t["cache"], False, group_size)
         return (y,) + bwd(t["grad_y"], t["grad_cache"], t["x"], t["weight"], t["bias"], t["cache"], False, group_size)
     leaves = [t[k].clone().requires_grad_() if t[k] is not None else None for k in ("x", "weight", "bias", "cache")]
@@ -69,8 +70,9 @@ def _pattern(t):
     return torch.where(torch.isnan(t), 1, torch.where(t == INF, 2, torch.where(t == -INF, 3, 0)))
 
 
-FNS = kernel_backends() + [pytest.param("cuda_emulation", id="cuda_emulation"),
-                           pytest.param("cuda_emulation_vec", id="cuda_emulation_vec")]
+# The CUDA kernels run on the CPU under the race checker (tests/cuda_emu.py).
+FNS = kernel_backends() + [pytest.param("cuda_emulation", id="cuda_emulation", marks=pytest.mark.racecheck),
+                           pytest.param("cuda_emulation_vec", id="cuda_emulation_vec", marks=pytest.mark.racecheck)]
 
 
 @pytest.mark.parametrize("fn", FNS)

@@ -1,113 +1,30 @@
-"""The CUDA Haar kernels (csrc/cuda/haar.cu), launchers included, compiled for the host and run thread by
-thread on the CPU, against the native CPU backend.
+"""The CUDA Haar kernels (csrc/cuda/haar_body.cuh, with haar.cu's launch geometry) run on the CPU by the
+test suite's emulation (tests/cuda_emu.py), against the native CPU backend.
 
-No GPU is needed: the kernels use no shared memory, no synchronisation and no warp intrinsics, so
-running every (block, thread) of the grid in turn is exactly the CUDA semantics. What this checks: the
-indexing, the tiling, the vector loads and their fallbacks, the odd-size folds, strides, band slots and
-masks. What it cannot check: real device behaviour (float <-> 16-bit conversions here are the CPU's,
-alignment faults, performance). Skipped without a host C++ compiler.
+The kernels use no shared memory, no synchronisation and no warp intrinsics; the emulation runs every
+thread of every block, under the race checker like every emulated kernel (a report fails the call).
+What this checks: the indexing, the tiling, the vector loads and their fallbacks, the odd-size folds,
+strides, band slots and masks. What it cannot check: real device behaviour (float <-> 16-bit conversions
+here are the CPU's, alignment faults, performance). Skipped without a host C++ compiler.
 """
-import ctypes
-import os
-import re
-
 import pytest
 import torch
-from cuda_tools import EMU_CUDA_NAMESPACE, build_host_emulation
+from cuda_emu import lib_or_skip, run
 from helpers import DTYPE_IDS
 
 import leanvae_kernels as lk
-from leanvae_kernels import _native
 from leanvae_kernels.ops import haar as H
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
-
-SHIM = r"""
-#include <cstdint>
-#include <functional>
-#include <stdexcept>
-#include <string>
-#include "common/kernel_args.h"
-#include "cpu/cpu_common.h"
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-struct dim3 { unsigned x = 1, y = 1, z = 1; dim3() {} dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
-static thread_local dim3 blockIdx, threadIdx, gridDim, blockDim;
-using __half = leanvae::cpu::Half;
-using __nv_bfloat16 = leanvae::cpu::BFloat16;
-""" + EMU_CUDA_NAMESPACE + r"""inline void set_device(const KernelArgs&) {}
-inline void* stream_of(const KernelArgs&) { return nullptr; }
-// Runs every thread of every block in turn.
-inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& body) {
-  gridDim = grid; blockDim = block;
-  for (unsigned bz = 0; bz < grid.z; ++bz) for (unsigned by = 0; by < grid.y; ++by) for (unsigned bx = 0; bx < grid.x; ++bx)
-    for (unsigned tz = 0; tz < block.z; ++tz) for (unsigned ty = 0; ty < block.y; ++ty) for (unsigned tx = 0; tx < block.x; ++tx) {
-      blockIdx = dim3(bx, by, bz); threadIdx = dim3(tx, ty, tz); body();
-    }
-}
-}  // namespace cuda
-}  // namespace leanvae
-#define LEANVAE_CUDA_CHECK_LAUNCH(args) ((void)0)
-#undef LEANVAE_REGISTER_KERNEL
-#define LEANVAE_REGISTER_KERNEL(name, fn) static const bool emu_registered_##fn = (emu_register(name, fn), true)
-static leanvae::KernelFn emu_kernels[2];
-static void emu_register(const char* name, leanvae::KernelFn fn) { emu_kernels[std::string(name) == "haar_synthesis"] = fn; }
-"""
-
-DRIVER = r"""
-extern "C" const char* emu_call(int which, const void* const* ptrs, const int* dtypes, const int64_t* shapes,
-                                const int64_t* strides, const int64_t* ints, int nints, const double* floats) {
-  static std::string error;
-  leanvae::KernelArgs a;
-  a.name = which ? "haar_synthesis" : "haar_analysis";
-  for (int k = 0; k < 3; ++k) {
-    leanvae::TensorView v;
-    v.data = const_cast<void*>(ptrs[k]);
-    v.dtype = dtypes[k];
-    v.ndim = 5;
-    for (int d = 0; d < 5; ++d) { v.shape[d] = shapes[5 * k + d]; v.stride[d] = strides[5 * k + d]; }
-    a.tensors.push_back(v);
-  }
-  a.ints.assign(ints, ints + nints);
-  a.floats.assign(floats, floats + 2);
-  try { emu_kernels[which](a); } catch (const std::exception& e) { error = e.what(); return error.c_str(); }
-  return nullptr;
-}
-"""
-
-
-def _emulated_source():
-    src = open(os.path.join(CSRC, "cuda", "haar.cu")).read()
-    src = src.replace('#include "cuda_common.cuh"', "").replace('#include "../common/haar_tree.h"', '#include "common/haar_tree.h"')
-    # kernel<TI, TO><<<grid, block, shmem, stream>>>(args);  ->  emu_launch(grid, block, [&] { kernel<TI, TO>(args); });
-    src, n = re.subn(r"(\w+<[\w, ]+>)<<<([^,]+), (dim3\([^)]*\)), [^>]*>>>\((.*?)\);", r"emu_launch(\2, \3, [&] { \1(\4); });",
-                     src, flags=re.S)
-    assert n == 2, "expected the two kernel launches of csrc/cuda/haar.cu"
-    return SHIM + src + DRIVER
+pytestmark = pytest.mark.racecheck
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    lib, why = build_host_emulation(str(tmp_path_factory.mktemp("cuda_emu")), "haar_emu", _emulated_source())
-    if lib is None:
-        pytest.skip(why)
-    lib.emu_call.restype = ctypes.c_char_p
-    return lib
+def emu():
+    return lib_or_skip()
 
 
 def _call(lib, which, tensors, ints, floats):
-    i64 = ctypes.c_int64
-    ptrs = (ctypes.c_void_p * 3)(*[t.data_ptr() for t in tensors])
-    dtypes = (ctypes.c_int * 3)(*[_native._DTYPE_CODES[t.dtype] for t in tensors])
-    shapes = (i64 * 15)(*[s for t in tensors for s in t.shape])
-    strides = (i64 * 15)(*[s for t in tensors for s in t.stride()])
-    ints_c = (i64 * len(ints))(*ints)
-    err = lib.emu_call(which, ptrs, dtypes, shapes, strides, ints_c, len(ints), (ctypes.c_double * 2)(*floats))
-    if err:
-        raise RuntimeError(err.decode())
+    run("haar_synthesis" if which else "haar_analysis", tensors, ints, floats)
 
 
 def _analysis(lib, x, two_d, three_d, s2, s3, slots=H.IDENTITY_SLOTS, mask=H.ALL_BANDS, out_dtype=None):
@@ -203,5 +120,5 @@ def test_emulated_cuda_mixed_dtypes_between_levels(emu, dtype):
         y = _synthesis(emu, None, r, src.shape, 1.0, 2.0, *lll, out_dtype=src.dtype)
         ry = H.synthesis("cpu", None, r, src.shape, s3=2.0, slots=lll[0], mask=lll[1], out_dtype=src.dtype)
         assert y.dtype == src.dtype and torch.equal(y, ry)
-    with pytest.raises(RuntimeError, match="is not supported"):
+    with pytest.raises(ValueError, match="is not supported"):
         _analysis(emu, z, False, True, 1.0, 1.0, out_dtype=torch.float16 if dtype == torch.bfloat16 else torch.bfloat16)

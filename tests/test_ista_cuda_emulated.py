@@ -1,204 +1,42 @@
-"""The CUDA ISTA step kernels (csrc/cuda/ista_step.cu), launchers included, compiled for the host and run on
-the CPU, against the native CPU backend (issue 13 item 3: the only CUDA kernels never executed anywhere).
+"""The CUDA ISTA step kernels (csrc/cuda/ista_step_body.cuh, launched with the plan of ista_step_plan.h as
+csrc/cuda/ista_step.cu does) run on the CPU by the test suite's emulation (tests/cuda_emu.py), against the
+native CPU backend.
 
-These kernels cooperate within a block (shared memory, __syncthreads, warp shuffles), so a block is run
-as blockDim.x host threads: `__syncthreads()` is a barrier of the block's threads, `__shfl_xor_sync` an
-exchange through a per-warp buffer between two barriers of the warp's threads, and dynamic shared
-memory one buffer per block (filled with NaN first, so a read of something never written shows). Blocks
-run one after the other; the emulated device has few SMs, so the grid-stride loops take several turns.
-What this checks: the indexing, the reduce-scatter and warp-order sums, the shared-memory layout and its
-sizing by `plan`, the vector/scalar load paths, the partial blocks of the backward, every mode. What it
-cannot: device rounding of the 16-bit conversions (the CPU's are used), FMA contraction, timing, races
-that a real GPU would interleave differently. Skipped without a host C++20 compiler.
+These kernels cooperate within a block (shared memory, __syncthreads, __syncthreads_or, warp shuffles):
+the emulation runs a block's threads as fibers that meet at barriers and shuffles with the GPU's
+semantics, and checks every shared-memory access for races (a report fails the call); dynamic shared
+memory is poisoned, so a read of something never written is reported. Blocks run one after the other on
+an emulated device of few SMs, so the grid-stride loops take several turns. What this checks: the
+indexing, the reduce-scatter and warp-order sums, the shared-memory layout and its sizing by `plan`, the
+vector/scalar load paths, the partial blocks of the backward, every mode, the absence of races. What it
+cannot: device rounding of the 16-bit conversions (the CPU's are used), FMA contraction, timing.
+Skipped without a host C++ compiler.
 """
 import ctypes
-import os
-import re
 
 import pytest
 import torch
-from cuda_tools import EMU_CUDA_NAMESPACE, build_host_emulation
+from cuda_emu import lib_or_skip, run
 from helpers import DTYPE_IDS, TOL
 
-from leanvae_kernels import _native
 from leanvae_kernels.ops import ista as ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
+pytestmark = pytest.mark.racecheck
 EMU_SMS = 3  # streaming multiprocessors of the emulated device: small, so blocks loop over their work
 H200_SMS = 132
 
-SHIM = r"""
-#include <atomic>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <stdexcept>
-#include <string>
-#include <thread>
-#include <vector>
-#include "common/kernel_args.h"
-#include "cpu/cpu_common.h"
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-using std::min;
-using std::isfinite;
-struct dim3 { unsigned x = 1, y = 1, z = 1; dim3() {} dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
-struct alignas(16) float4 { float x, y, z, w; };
-static thread_local dim3 blockIdx, threadIdx, gridDim, blockDim;
-using __half = leanvae::cpu::Half;
-using __nv_bfloat16 = leanvae::cpu::BFloat16;
-typedef void* cudaStream_t;
-typedef int cudaError_t;
-enum { cudaSuccess = 0, cudaDevAttrMaxSharedMemoryPerBlockOptin = 1, cudaDevAttrMultiProcessorCount = 2,
-       cudaFuncAttributeMaxDynamicSharedMemorySize = 3 };
-static int emu_sms = 1;
-static size_t emu_smem_requested = 0;
-inline cudaError_t cudaDeviceGetAttribute(int* v, int attr, int) {
-  *v = attr == cudaDevAttrMultiProcessorCount ? emu_sms : 227 * 1024;  // an H100/H200's opt-in limit
-  return cudaSuccess;
-}
-template <class K> inline cudaError_t cudaFuncSetAttribute(K, int, int bytes) { emu_smem_requested = bytes; return cudaSuccess; }
-template <class K> inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) { *n = 1; return cudaSuccess; }
-inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { std::memset(p, v, n); return cudaSuccess; }
-
-// One block's shared state: dynamic shared memory, a block barrier, and per warp a barrier and an
-// exchange buffer for the shuffles.
-struct EmuBlock {
-  std::vector<float> smem;
-  std::barrier<> block;
-  std::vector<std::unique_ptr<std::barrier<>>> warp;
-  std::vector<float> xchg;
-  std::atomic<int> any{0};
-  EmuBlock(unsigned threads, size_t smem_bytes) : smem(smem_bytes / sizeof(float) + 4, NAN), block(threads), xchg(threads) {
-    for (unsigned w = 0; w < (threads + 31) / 32; ++w) warp.emplace_back(new std::barrier<>(32));
-  }
-};
-static thread_local EmuBlock* emu_block = nullptr;
-inline void __syncthreads() { emu_block->block.arrive_and_wait(); }
-inline int __syncthreads_or(int pred) {
-  if (pred) emu_block->any.store(1);
-  emu_block->block.arrive_and_wait();
-  const int r = emu_block->any.load();
-  emu_block->block.arrive_and_wait();
-  if (threadIdx.x == 0) emu_block->any.store(0);
-  emu_block->block.arrive_and_wait();
-  return r;
-}
-inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
-  const unsigned t = threadIdx.x, base = t & ~31u;
-  auto& bar = *emu_block->warp[t >> 5];
-  emu_block->xchg[t] = v;
-  bar.arrive_and_wait();
-  const float r = emu_block->xchg[base + ((t & 31u) ^ static_cast<unsigned>(lane_mask))];
-  bar.arrive_and_wait();
-  return r;
-}
-
-""" + EMU_CUDA_NAMESPACE + r"""struct DeviceScalar {
-  const void* ptr;
-  int dtype;
-  float get() const {
-    switch (dtype) {
-      case kFloat16: return to_float(*static_cast<const __half*>(ptr));
-      case kBFloat16: return to_float(*static_cast<const __nv_bfloat16*>(ptr));
-      case kFloat64: return static_cast<float>(*static_cast<const double*>(ptr));
-      default: return *static_cast<const float*>(ptr);
-    }
-  }
-};
-inline void set_device(const KernelArgs&) {}
-inline cudaStream_t stream_of(const KernelArgs&) { return nullptr; }
-// Every block in turn; a block's threads run concurrently (they meet at barriers).
-inline void emu_launch(int grid, int threads, size_t smem, const std::function<void()>& body) {
-  if (smem > emu_smem_requested) throw std::runtime_error("launch asks for more shared memory than was opted in");
-  for (int b = 0; b < grid; ++b) {
-    EmuBlock blk(threads, smem);
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t)
-      pool.emplace_back([&, b, t] {
-        emu_block = &blk;
-        gridDim = dim3(grid); blockDim = dim3(threads); blockIdx = dim3(b); threadIdx = dim3(t);
-        body();
-      });
-    for (auto& th : pool) th.join();
-  }
-}
-}  // namespace cuda
-}  // namespace leanvae
-#define LEANVAE_CUDA_CHECK(expr) ((void)(expr))
-#define LEANVAE_CUDA_CHECK_LAUNCH(args) ((void)0)
-#undef LEANVAE_REGISTER_KERNEL
-#define LEANVAE_REGISTER_KERNEL(name, fn) static const bool emu_registered_##fn = (emu_register(name, fn), true)
-static leanvae::KernelFn emu_kernels[2];
-static void emu_register(const char* name, leanvae::KernelFn fn) { emu_kernels[std::string(name) == "ista_step_bwd"] = fn; }
-"""
-
-DRIVER = r"""
-extern "C" const char* emu_call(int which, int sms, int n, const void* const* ptrs, const int* dtypes, const int* ndims,
-                                const int64_t* shapes, const int64_t* strides, const int64_t* ints, int nints) {
-  static std::string error;
-  emu_sms = sms;
-  leanvae::KernelArgs a;
-  a.name = which ? "ista_step_bwd" : "ista_step_fwd";
-  for (int k = 0; k < n; ++k) {
-    leanvae::TensorView v;
-    v.data = const_cast<void*>(ptrs[k]);
-    v.dtype = dtypes[k];
-    v.ndim = ndims[k];
-    for (int d = 0; d < v.ndim; ++d) { v.shape[d] = shapes[8 * k + d]; v.stride[d] = strides[8 * k + d]; }
-    a.tensors.push_back(v);
-  }
-  a.ints.assign(ints, ints + nints);
-  try { emu_kernels[which](a); } catch (const std::exception& e) { error = e.what(); return error.c_str(); }
-  return nullptr;
-}
-"""
-
-
-def _emulated_source():
-    src = open(os.path.join(CSRC, "cuda", "ista_step.cu")).read()
-    src = src.replace('#include "cuda_common.cuh"', "")
-    src, n = re.subn(r"extern __shared__ float smem\[\];", "float* smem = emu_block->smem.data();", src)
-    assert n == 2, "expected the two kernels' dynamic shared memory"
-    # kernel<<<grid, threads, smem, stream>>>(p);  ->  emu_launch(grid, threads, smem, [&] { kernel(p); });
-    src, n = re.subn(r"(\w+)<<<([^,]+), ([^,]+), ([^,]+), [^>]*>>>\((.*?)\);", r"emu_launch(\2, \3, \4, [&] { \1(\5); });", src)
-    assert n == 1, "expected the one kernel launch of csrc/cuda/ista_step.cu"
-    return SHIM + src + DRIVER
-
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    try:
-        lib, why = build_host_emulation(str(tmp_path_factory.mktemp("cuda_emu")), "ista_emu", _emulated_source(),
-                                        std="c++20", flags=("-pthread",))
-    except RuntimeError as exc:
-        if "barrier" in str(exc) and "No such file" in str(exc):
-            pytest.skip("the host C++ compiler has no C++20 <barrier>")
-        raise
-    if lib is None:
-        pytest.skip(why)
-    lib.emu_call.restype = ctypes.c_char_p
-    return lib
+def emu():
+    return lib_or_skip()
 
 
 def _call(lib, which, tensors, ints, sms=EMU_SMS):
-    n, i64 = len(tensors), ctypes.c_int64
-    shapes, strides = [0] * (8 * n), [0] * (8 * n)
-    for k, t in enumerate(tensors):
-        shapes[8 * k:8 * k + t.ndim] = list(t.shape)
-        strides[8 * k:8 * k + t.ndim] = list(t.stride())
-    err = lib.emu_call(which, sms, n, (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors]),
-                       (ctypes.c_int * n)(*[_native._DTYPE_CODES[t.dtype] for t in tensors]),
-                       (ctypes.c_int * n)(*[t.ndim for t in tensors]), (i64 * (8 * n))(*shapes), (i64 * (8 * n))(*strides),
-                       (i64 * len(ints))(*ints), len(ints))
-    if err:
-        raise RuntimeError(err.decode())
+    lib.emu_set_sms(ctypes.c_int(sms))
+    try:
+        run("ista_step_bwd" if which else "ista_step_fwd", tensors, ints)
+    finally:
+        lib.emu_set_sms(ctypes.c_int(EMU_SMS))
 
 
 def emu_fwd(lib, mode, src, u, y, phi, w):

@@ -2,9 +2,10 @@
 // cache and the optional fused residual), grad input (cache and residual paths included), and grad
 // weight/bias as fixed per-block partial sums reduced in a fixed order (deterministic).
 //
-// The per-thread work lives in causal_conv_body.cuh, shared with a host build that the tests run on the
-// CPU (csrc/cpu/causal_conv_cuda_emu.cpp). Here: storage access (16-byte loads where the layout allows,
-// shared memory), the kernels' phase loops and barriers, launches, and the block reduction of the weight grad.
+// The kernels' bodies (phase loops, barriers, the weight grad's block reduction) live in causal_conv_body.cuh,
+// which the test suite also compiles for the host to run them under a race-checking emulation. Here:
+// storage access (16-byte loads where the layout allows, shared memory, cp.async), the __global__
+// wrappers and the launches.
 #include <cstdint>
 
 #include "causal_conv_body.cuh"
@@ -106,88 +107,28 @@ struct DevIO {
   }
 };
 
-// Forward / grad input: one block per output tile (cc::ConvBlock). A ring of kConvStages staged frames: the
-// frames of the next kConvStages - 1 steps are being copied while step s computes from its own.
+// Forward / grad input: one block per output tile (cc::conv_kernel_body).
 template <class S, bool VEC, bool BWD>
 __global__ void __launch_bounds__(cc::kConvThreads, 2) _causal_dwconv3d_kernel(const cc::ConvParams p, int64_t s_lo,
                                                                               int64_t s_a, int64_t s_b, int64_t s_hi) {
-  using IO = DevIO<S, VEC>;
-  using Blk = cc::ConvBlock<IO, VEC, BWD>;
-  constexpr int kE = Blk::Tile::kElems, kS = cc::kConvStages;
+  constexpr int kE = cc::ConvTile<BWD>::kElems, kS = cc::kConvStages;
   __shared__ __align__(16) unsigned char ring_raw[kS * kE * sizeof(S)];
-  S* ring = reinterpret_cast<S*>(ring_raw);
-  typename Blk::Thread th;
-  typename Blk::Stager st;
-  Blk::setup(p, blockIdx.x, threadIdx.x, th, st);
-  // |s| < 2^30 (make_conv_params); step s uses slot (s - s_lo) % kS.
-  const int32_t lo = static_cast<int32_t>(s_lo), a = static_cast<int32_t>(s_a), b = static_cast<int32_t>(s_b),
-                hi = static_cast<int32_t>(s_hi);
-  for (int i = 0; i < kS - 1; ++i) {
-    if (lo + i < hi) Blk::template issue<false>(p, st, lo + i, ring + i * kE);
-    IO::commit();  // one group per step, empty or not, so that wait<kS - 2> means "step s has landed"
-  }
-  auto step = [&](int32_t s, auto steady) {
-    IO::template wait<kS - 2>();
-    __syncthreads();  // every thread's copies of step s are visible; every thread is done with step s - 1
-    constexpr bool kSteady = decltype(steady)::value;
-    if (!kSteady) Blk::cache_copy(p, st, s);
-    Blk::template compute<kSteady>(p, th, s, ring + ((s - lo) % kS) * kE);
-    const int32_t sn = s + kS - 1;  // into the slot of step s - 1; steady steps have s >= 0
-    if (sn < hi) Blk::template issue<kSteady>(p, st, sn, ring + ((sn - lo) % kS) * kE);
-    IO::commit();
-  };
-  // The steady steps [a, b) run in a loop of their own.
-  for (int32_t s = lo; s < a; ++s) step(s, cc::Bool<false>());
-  for (int32_t s = a; s < b; ++s) step(s, cc::Bool<true>());
-  for (int32_t s = b; s < hi; ++s) step(s, cc::Bool<false>());
+  cc::conv_kernel_body<DevIO<S, VEC>, VEC, BWD>(p, blockIdx.x, threadIdx.x, s_lo, s_a, s_b, s_hi,
+                                                reinterpret_cast<S*>(ring_raw));
 }
 
-// Block (32 channel groups) x (kWY pixel groups): each thread's sums over its rows and frames are added
-// over threadIdx.y in order 0..kWY-1 and stored as the block's partial. One 512-thread block per SM at 128
+// Block (32 channel groups) x (kWY pixel groups), cc::wgrad_kernel_body. One 512-thread block per SM at 128
 // registers (the occupancy of two 256-thread blocks); 2 pixels per thread, so that it does not spill.
 template <class S, bool VEC>
 __global__ void __launch_bounds__(32 * cc::kWY, 1) _causal_dwconv3d_wgrad_kernel(const cc::WgradParams p, int64_t ncvb,
                                                                               int64_t nwb, int64_t nhb) {
-  int64_t cvb, wb, hb, b;
-  cc::split_index(blockIdx.x, ncvb, nwb, nhb, cvb, wb, hb, b);
-  const int64_t cv = cvb * 32 + threadIdx.x;
-  float acc[28][cc::kV];
-  // VEC: 32-bit in-frame offsets (the launcher checked cc::wgrad_off32_ok)
-  cc::wgrad_thread<DevIO<S, VEC>, cc::kV, cc::kWPW, typename std::conditional<VEC, int32_t, int64_t>::type>(
-      p, b, hb, wb * cc::kWY + threadIdx.y, cv, acc);
-  __shared__ float red[28][32 * cc::kV];
-  for (int y = 0; y < cc::kWY; ++y) {
-    if (threadIdx.y == y) {
-#pragma unroll
-      for (int tap = 0; tap < 28; ++tap)
-#pragma unroll
-        for (int v = 0; v < cc::kV; ++v) {
-          float& r = red[tap][threadIdx.x * cc::kV + v];
-          r = (y == 0 ? 0.f : r) + acc[tap][v];
-        }
-    }
-    __syncthreads();
-  }
-  if (threadIdx.y == 0) {
-    float* part = p.part + ((b * nhb + hb) * nwb + wb) * 28 * p.C;
-    for (int tap = 0; tap < 28; ++tap)
-#pragma unroll
-      for (int v = 0; v < cc::kV; ++v) {
-        const int64_t c = cv * cc::kV + v;
-        if (c < p.C) part[tap * p.C + c] = red[tap][threadIdx.x * cc::kV + v];
-      }
-  }
+  __shared__ float red[28 * 32 * cc::kV];
+  cc::wgrad_kernel_body<DevIO<S, VEC>, VEC>(p, ncvb, nwb, nhb, red);
 }
 
-// gw27[tap][c] (tap < 27) and gb[c] (tap 27) = sum over partials, in partial order.
 __global__ void _sum_partials_kernel(const float* __restrict__ part, float* __restrict__ gw27, float* __restrict__ gb,
                                      int64_t n_parts, int64_t C) {
-  const int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (m >= 28 * C) return;
-  float s = 0.f;
-  for (int64_t k = 0; k < n_parts; ++k) s += part[k * 28 * C + m];
-  if (m < 27 * C) gw27[m] = s;
-  else gb[m - 27 * C] = s;
+  cc::sum_partials_body(part, gw27, gb, n_parts, C, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
 }
 
 unsigned blocks_for(int64_t threads, int per_block, const KernelArgs& a) {

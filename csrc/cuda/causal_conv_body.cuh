@@ -1,15 +1,15 @@
 // Block and thread bodies of the CUDA causal depthwise 3x3x3 conv kernels (csrc/cuda/causal_conv.cu).
 //
 // Written to compile as host C++ too (no CUDA headers; storage and shared-memory access go through an `IO`
-// class given by the includer), so that csrc/cpu/causal_conv_cuda_emu.cpp can run exactly this logic on
-// the CPU in the test suite, block by block and phase by phase: the only CUDA-specific parts left
-// untested without a GPU are the launch configuration, the barriers and cp.async waits, the weight
-// gradient's shared-memory reduction and the vector loads themselves.
+// class given by the includer, sync points through csrc/cuda/lv_sync.cuh), so that the test suite's
+// emulation (tests/emulation/) runs exactly this code on the CPU, every thread of a block as a fiber, with
+// a race checker on shared memory, cp.async and barriers. Left untested without a GPU: the launch
+// configuration, the vector loads themselves and cp.async's hardware.
 //
-// Forward and grad input: ConvBlock below (a block stages each frame's tile of input in shared memory,
-// its threads compute from it). Grad weight: wgrad_thread (a thread owns kV channels of kWPW pixels of a
-// few rows). Accumulation order per output: bias, then taps (i, j, k) lexicographically, whatever frame a
-// tap reads: chunked calls reproduce a full call.
+// Forward and grad input: conv_kernel_body / ConvBlock below (a block stages each frame's tile of input in
+// shared memory, its threads compute from it). Grad weight: wgrad_kernel_body / wgrad_thread (a thread owns
+// kV channels of kWPW pixels of a few rows). Accumulation order per output: bias, then taps (i, j, k)
+// lexicographically, whatever frame a tap reads: chunked calls reproduce a full call.
 #pragma once
 #include <cstdint>
 #include <stdexcept>
@@ -17,15 +17,14 @@
 #include <type_traits>
 
 #include "common/kernel_args.h"
+#include "lv_sync.cuh"
 
 #include <cmath>
 
 #ifdef __CUDACC__
 #define LV_HD __host__ __device__ __forceinline__
-#define LV_UNROLL _Pragma("unroll")
 #else
 #define LV_HD inline
-#define LV_UNROLL
 #endif
 
 // acc + w * x rounded once: what nvcc makes of the update (an FFMA), written out so that the host build
@@ -105,8 +104,7 @@ LV_HD void split_index(int64_t tid, int64_t n0, int64_t n1, int64_t n2, int64_t&
 
 // Forward (BWD = false) and grad input (BWD = true): one thread block per tile of output, kConvRows rows x
 // ConvTile::TW pixels x kConvCh channels of one batch item, walking the frames. Two kinds of work, ordered by
-// barriers (__syncthreads on the GPU; the host emulation, csrc/cpu/causal_conv_cuda_emu.cpp, runs each for
-// every thread of the block in turn):
+// barriers (conv_kernel_body):
 //  - issue (staging): the block's threads copy a frame's (rows + 2) x (TW + 2) x kConvCh input tile (the
 //    spatial halo included, zeros outside the frame) into a slot of a ring of kConvStages shared-memory
 //    tiles, as storage, in chunks of 16 bytes (VL channels: 8 for 16-bit types, 4 for float32): one
@@ -585,6 +583,88 @@ LV_HD void wgrad_thread(const WgradParams& p, int64_t b, int64_t hb, int64_t wg,
     for (int64_t s = sa; s < sb; ++s) step(s, Bool<true>());
     for (int64_t s = sb; s < T; ++s) step(s, Bool<false>());
   }
+}
+
+// Forward / grad input, one block (blk, thread tid of kConvThreads): a ring of kConvStages staged frames in
+// shared memory (`ring`: kConvStages * ConvTile<BWD>::kElems storage elements, 16-byte aligned). The frames
+// of the next kConvStages - 1 steps are being copied while step s computes from its own.
+// Sync points: before step s computes, every thread waits for its own copies of step s (the wait_group)
+// and then for every other thread's (the barrier), which also tells every thread that the others are done
+// reading the slot of step s - 1, which this step's staging overwrites.
+template <class IO, bool VEC, bool BWD>
+LV_DEV void conv_kernel_body(const ConvParams& p, int64_t blk, int tid, int64_t s_lo, int64_t s_a, int64_t s_b,
+                             int64_t s_hi, typename IO::storage* ring) {
+  using Blk = ConvBlock<IO, VEC, BWD>;
+  constexpr int kE = Blk::Tile::kElems, kS = kConvStages;
+  typename Blk::Thread th;
+  typename Blk::Stager st;
+  Blk::setup(p, blk, tid, th, st);
+  // |s| < 2^30 (make_conv_params); step s uses slot (s - s_lo) % kS.
+  const int32_t lo = static_cast<int32_t>(s_lo), a = static_cast<int32_t>(s_a), b = static_cast<int32_t>(s_b),
+                hi = static_cast<int32_t>(s_hi);
+  for (int i = 0; i < kS - 1; ++i) {
+    if (lo + i < hi) Blk::template issue<false>(p, st, lo + i, ring + i * kE);
+    LV_CP_COMMIT(IO);  // one group per step, empty or not, so that wait<kS - 2> means "step s has landed"
+  }
+  auto step = [&](int32_t s, auto steady) {
+    LV_CP_WAIT("conv.ring_wait", IO, kS - 2);  // this thread's copies of step s have landed
+    LV_SYNC("conv.step");  // every thread's copies of step s are visible; every thread is done with step s - 1
+    constexpr bool kSteady = decltype(steady)::value;
+    if (!kSteady) Blk::cache_copy(p, st, s);
+    Blk::template compute<kSteady>(p, th, s, ring + ((s - lo) % kS) * kE);
+    const int32_t sn = s + kS - 1;  // into the slot of step s - 1; steady steps have s >= 0
+    if (sn < hi) Blk::template issue<kSteady>(p, st, sn, ring + ((sn - lo) % kS) * kE);
+    LV_CP_COMMIT(IO);
+  };
+  // The steady steps [a, b) run in a loop of their own.
+  for (int32_t s = lo; s < a; ++s) step(s, Bool<false>());
+  for (int32_t s = a; s < b; ++s) step(s, Bool<true>());
+  for (int32_t s = b; s < hi; ++s) step(s, Bool<false>());
+}
+
+// Grad weight, one block of 32 x kWY threads (threadIdx (x, y), block blockIdx.x of ncvb x nwb x nhb x B):
+// each thread's sums over its rows and frames (wgrad_thread) are added over threadIdx.y in order 0..kWY-1 in
+// shared memory (`red`: 28 x 32 * kV floats) and stored as the block's partial by the threads of y = 0.
+// Sync point: after each y's turn, so that the next y reads its sums.
+template <class IO, bool VEC>
+LV_DEV void wgrad_kernel_body(const WgradParams& p, int64_t ncvb, int64_t nwb, int64_t nhb, LV_SPTR(float) red) {
+  constexpr int kRed = 32 * kV;  // floats per tap in red
+  int64_t cvb, wb, hb, b;
+  split_index(blockIdx.x, ncvb, nwb, nhb, cvb, wb, hb, b);
+  const int64_t cv = cvb * 32 + threadIdx.x;
+  float acc[28][kV];
+  // VEC: 32-bit in-frame offsets (the launcher checked wgrad_off32_ok)
+  wgrad_thread<IO, kV, kWPW, typename std::conditional<VEC, int32_t, int64_t>::type>(p, b, hb, wb * kWY + threadIdx.y,
+                                                                                       cv, acc);
+  for (int y = 0; y < kWY; ++y) {
+    if (threadIdx.y == y) {
+      LV_UNROLL
+      for (int tap = 0; tap < 28; ++tap)
+        LV_UNROLL
+        for (int v = 0; v < kV; ++v) red[tap * kRed + threadIdx.x * kV + v] =
+            (y == 0 ? 0.f : static_cast<float>(red[tap * kRed + threadIdx.x * kV + v])) + acc[tap][v];
+    }
+    LV_SYNC("conv.wgrad_reduce");
+  }
+  if (threadIdx.y == 0) {
+    float* part = p.part + ((b * nhb + hb) * nwb + wb) * 28 * p.C;
+    for (int tap = 0; tap < 28; ++tap)
+      LV_UNROLL
+      for (int v = 0; v < kV; ++v) {
+        const int64_t c = cv * kV + v;
+        if (c < p.C) part[tap * p.C + c] = red[tap * kRed + threadIdx.x * kV + v];
+      }
+  }
+}
+
+// Thread m of the partial sums' reduction: gw27[tap][c] (tap < 27) and gb[c] (tap 27) = sum over
+// partials, in partial order.
+LV_DEV void sum_partials_body(const float* __restrict__ part, float* __restrict__ gw27, float* __restrict__ gb, int64_t n_parts, int64_t C, int64_t m) {
+  if (m >= 28 * C) return;
+  float s = 0.f;
+  for (int64_t k = 0; k < n_parts; ++k) s += part[k * 28 * C + m];
+  if (m < 27 * C) gw27[m] = s;
+  else gb[m - 27 * C] = s;
 }
 
 // Whether the grad weight may keep its in-frame offsets in 32 bits: every (row, column, channel) offset

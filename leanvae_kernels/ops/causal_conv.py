@@ -219,12 +219,14 @@ def _group_end_zeros_grad(gw, grad_y, group_size):
 _WGRAD_TILE = {"cpu": (4, 8), "cuda": (8, 32)}
 
 
-def _native_fns(backend, suffix="", tile=None):
-    """(forward, backward) implementations calling the native kernels "causal_dwconv3d_*{suffix}" of `backend`.
+def _native_fns(backend, suffix="", tile=None, run=None):
+    """(forward, backward) implementations calling the native kernels "causal_dwconv3d_*{suffix}" of `backend`
+    through `run` (default `_native.run`, same signature).
 
     Kernels read x, cache and the gradients with their strides (no copy); outputs are contiguous.
     """
     rows, cols = _WGRAD_TILE[tile or backend]
+    run = run or _native.run
 
     def forward(x, weight, bias, cache, residual, group_size):
         b, t, h, w, c = x.shape
@@ -232,7 +234,7 @@ def _native_fns(backend, suffix="", tile=None):
         bias27 = bias.to(w27.dtype).contiguous() if bias is not None else w27
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         new_cache = torch.empty((b, _cache_frames(group_size), h, w, c), dtype=x.dtype, device=x.device)
-        _native.run(backend, "causal_dwconv3d_fwd" + suffix, [x, cache if cache is not None else x, w27, bias27, y,
+        run(backend, "causal_dwconv3d_fwd" + suffix, [x, cache if cache is not None else x, w27, bias27, y,
                                                               new_cache],
                     ints=[cache is not None, bias is not None, residual, group_size])
         return _group_end_zeros(y, weight, group_size), new_cache
@@ -242,14 +244,14 @@ def _native_fns(backend, suffix="", tile=None):
         grad_y, grad_cache = grad_y.to(x.dtype), grad_cache.to(x.dtype)
         gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         gc = torch.empty(cache.shape, dtype=x.dtype, device=x.device) if cache is not None else None
-        _native.run(backend, "causal_dwconv3d_bwd_input" + suffix,
+        run(backend, "causal_dwconv3d_bwd_input" + suffix,
                     [grad_y, grad_cache, _weights27(weight, flip=True), gx, gc if gc is not None else gx],
                     ints=[cache is not None, residual, group_size])
         acc = acc_dtype(x.dtype)
         gw27 = torch.empty((27, c), dtype=acc, device=x.device)
         gb = torch.empty((c,), dtype=acc, device=x.device)
         part = torch.empty((b * -(-h // rows) * -(-w // cols), 28, c), dtype=acc, device=x.device)
-        _native.run(backend, "causal_dwconv3d_bwd_weight" + suffix,
+        run(backend, "causal_dwconv3d_bwd_weight" + suffix,
                     [x, cache if cache is not None else x, grad_y, gw27, gb, part],
                     ints=[cache is not None, group_size, rows, cols])
         gw = _group_end_zeros_grad(gw27.t().contiguous().reshape(weight.shape), grad_y, group_size).to(weight.dtype)
@@ -262,12 +264,6 @@ for _backend, _dtypes in (("cpu", ALL_DTYPES), ("cuda", GPU_DTYPES)):
     _f, _b = _native_fns(_backend)
     fwd.register(_backend, _dtypes)(_f)
     bwd.register(_backend, _dtypes)(_b)
-
-# Tests only: the CUDA kernels' per-thread bodies compiled for the host and run on CPU tensors, with the
-# thread layout of the kernels' scalar path (cuda_emulation) or vector path (cuda_emulation_vec).
-cuda_emulation = _native_fns("cpu", "_cudaemu", tile="cuda")
-cuda_emulation_vec = _native_fns("cpu", "_cudaemu_vec", tile="cuda")
-
 
 def _bias32(bias):
     return bias.float().contiguous() if bias is not None else None
