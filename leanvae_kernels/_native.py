@@ -56,6 +56,8 @@ def expected_but_unusable(backend):
     """The reason (with the fix) when `backend`'s module should be usable here but is not: missing or
     failed to load (the CPU module is always built), stale, or of another calling convention. None when
     it is usable, deliberately disabled, or simply not expected (CUDA kernels not built, no CUDA device)."""
+    if backend == "cuda" and not torch.cuda.is_available():
+        return None  # nothing can run CUDA kernels here, built or not, current or stale
     mod, reason = module(backend)
     return reason if mod is None and _load(backend)[2] else None
 

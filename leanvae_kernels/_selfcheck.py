@@ -74,7 +74,8 @@ def _cases(device, dtype):
         "ista_step": (lk.ista_step, [((rnd(37, 24), rnd(37, 5), rnd(5, 24, scale=0.3), rnd(1, scale=0.2)), {})]),
         "ista_residual_step": (lk.ista_residual_step, [
             ((rnd(37, 24), rnd(37, 24), rnd(37, 5), rnd(5, 24, scale=0.3), rnd(1, scale=0.2)), {})]),
-        "ista_init_step": (lk.ista_init_step, [((rnd(37, 5), rnd(24, 5, scale=0.3), rnd(5, 24, scale=0.3), rnd(1, scale=0.2)), {})]),
+        "ista_init_step": (lk.ista_init_step, [
+            ((rnd(37, 5), rnd(24, 5, scale=0.3), rnd(5, 24, scale=0.3), rnd(1, scale=0.2)), {})]),
         "soft_threshold": (lk.soft_threshold, [((rnd(5, 7, 3), rnd(1, scale=0.3).abs()), {})]),
         "geglu": (lk.geglu, [((rnd(5, 26),), {})]),
     }
@@ -95,7 +96,8 @@ def _outputs(out):
 def _run(fn, args, kwargs, backend, grads=None):
     """(outputs, input gradients) of fn(*args, backend=backend); gradients for `grads` (one per output)."""
     leaves = [a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
-    outs = _outputs(fn(*leaves, backend=backend, **kwargs))
+    with torch.enable_grad():  # also when called under torch.no_grad()
+        outs = _outputs(fn(*leaves, backend=backend, **kwargs))
     if grads is None:
         g = torch.Generator(device="cpu").manual_seed(1)
         grads = [torch.randn(o.shape, generator=g).to(o) for o in outs]
@@ -196,8 +198,10 @@ def check(device=None, dtypes=DEFAULT_DTYPES, ops=None, backends=None):
                         err = {"fwd": math.inf, "bwd": math.inf}
                         note = f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                         break
-                    fwd_errs = [_error(a, e) for a, e in zip(out, ref_out)] + ([math.inf] if len(out) != len(ref_out) else [])
+                    fwd_errs = [_error(a, e) for a, e in zip(out, ref_out)]
                     bwd_errs = [_error(a, e) for a, e in zip(got_grads, ref_grads)]
+                    if len(out) != len(ref_out):
+                        fwd_errs.append(math.inf)
                     if len(got_grads) != len(ref_grads):
                         bwd_errs.append(math.inf)
                     err["fwd"] = max([err["fwd"]] + fwd_errs)
