@@ -55,7 +55,7 @@ def check_scalar(op, name, t):
         raise ValueError(f"{op}: {name} must hold one element (shape () or (1,)), got {describe(t)}")
 
 
-# Inside a torch.library.custom_op implementation the autograd dispatch keys are excluded, so tensors
+# Inside the implementation of a torch.library custom op the autograd dispatch keys are excluded, so tensors
 # made there never require grad and torch.autograd.grad would find no graph (the reference backward
 # silently returned zeros). `_autograd_enabled` lifts that exclusion for the reference's vjp only.
 _AUTOGRAD_KEYS = (

@@ -68,7 +68,7 @@ def _has_tangent(args):
     return False
 
 
-# torch.library.custom_op's autograd kernel sits at the "Autograd" alias key; a kernel at the
+# The autograd kernel of a torch.library custom op sits at the "Autograd" alias key; a kernel at the
 # device-specific keys takes precedence, refuses tangents by name, then runs that autograd kernel unchanged.
 _FORWARD_AD_KEYS = ("AutogradCPU", "AutogradCUDA")
 _libs = []  # the torch.library.Library objects must stay alive: dropping one unregisters its kernels
