@@ -7,6 +7,8 @@
 # files under RESULTS_DIR as soon as it ends, so a window cut short still returns everything done so far:
 #   build      setuptools/wheel check, CUDA build for sm_90 with parallel jobs (fails loudly if pip fails
 #              or the CUDA module does not load), `python -m leanvae info -v`
+#   check      `python -m leanvae check`: every op on every backend of the GPU against the reference, forward
+#              and backward, three dtypes, small odd and strided shapes (what users are told to run first)
 #   gpu-tests  `pytest -m gpu`: the tests that run cuda/triton kernels on the GPU (tests/conftest.py marks
 #              them), large-index, non-default-stream and second-device cases (tests/test_gpu_suite.py)
 #   bench      one pytest-benchmark JSON per benchmarks/test_bench_*.py (CUDA-event timing, bandwidth as a
@@ -46,7 +48,7 @@ while [ $# -gt 0 ]; do
     *) stages+=("$1"); shift ;;
   esac
 done
-ALL_STAGES=(build gpu-tests bench e2e parallel compile sanitizer report)
+ALL_STAGES=(build check gpu-tests bench e2e parallel compile sanitizer report)
 [ ${#stages[@]} -eq 0 ] && stages=("${ALL_STAGES[@]}")
 for s in "${stages[@]}"; do
   case " ${ALL_STAGES[*]} " in *" $s "*) ;; *) echo "gpu_suite: unknown stage '$s' (expected: ${ALL_STAGES[*]})" >&2; exit 2 ;; esac
@@ -59,7 +61,7 @@ if [ "$DRY" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 LEANVAE_BENCH_ROUNDS=1 LEANVAE_BENCH_E2E_SIZE=5x16x16
   device=dryrun-cpu
   # stage: max seconds, min seconds worth starting
-  declare -A T_MAX=([build]=60 [gpu-tests]=90 [bench]=120 [e2e]=60 [parallel]=60 [compile]=60 [sanitizer]=10 [report]=30)
+  declare -A T_MAX=([build]=60 [check]=60 [gpu-tests]=90 [bench]=120 [e2e]=60 [parallel]=60 [compile]=60 [sanitizer]=10 [report]=30)
 else
   if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_suite: no CUDA device visible to torch (GPU_SUITE_DRY_RUN=1 runs the plumbing on a CPU)" >&2
@@ -67,9 +69,9 @@ else
   fi
   device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
   # Sized to issue 13: build < 2 min, correctness < 3, ops < 2, end to end < 3; compile and sanitizer last.
-  declare -A T_MAX=([build]=150 [gpu-tests]=180 [bench]=150 [e2e]=180 [parallel]=120 [compile]=120 [sanitizer]=120 [report]=30)
+  declare -A T_MAX=([build]=150 [check]=120 [gpu-tests]=180 [bench]=150 [e2e]=180 [parallel]=120 [compile]=120 [sanitizer]=120 [report]=30)
 fi
-declare -A T_MIN=([build]=20 [gpu-tests]=30 [bench]=30 [e2e]=30 [parallel]=30 [compile]=40 [sanitizer]=30 [report]=5)
+declare -A T_MIN=([build]=20 [check]=10 [gpu-tests]=30 [bench]=30 [e2e]=30 [parallel]=30 [compile]=40 [sanitizer]=30 [report]=5)
 PREFIX="$RESULTS_DIR/$(date -u +%Y-%m-%dT%H%M)-$device"
 SUMMARY="$PREFIX-summary.txt"
 START=$SECONDS
@@ -177,6 +179,11 @@ EOF
   $PY benchmarks/report.py --env "$PREFIX-env.json" || rc=1
   $PY -m leanvae info -v || rc=1
   return $rc
+}
+
+stage_check() {
+  # Dry run: the CPU kernels only (the Triton interpreter would take minutes here; gpu-tests covers it).
+  if [ "$DRY" = 1 ]; then TRITON_INTERPRET=0 $PY -m leanvae check --device cpu; else $PY -m leanvae check; fi
 }
 
 stage_gpu_tests() {

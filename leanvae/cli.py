@@ -1,4 +1,4 @@
-"""Command line: `python -m leanvae {info,bench,reconstruct,encode,decode,verify,convert}`."""
+"""Command line: `python -m leanvae {info,check,bench,reconstruct,encode,decode,verify,convert}`."""
 import argparse
 import os
 import platform
@@ -59,6 +59,23 @@ def cmd_info(args):
             out.append(line)
     print("\n".join(out))
     return 0
+
+
+def cmd_check(args):
+    """Every op on every fused backend of the device against the reference (leanvae_kernels.check)."""
+    import leanvae_kernels
+    from leanvae_kernels._selfcheck import format_rows, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"leanvae check: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"leanvae check on {device}: every op, forward and backward, float32/float16/bfloat16, against the reference")
+    rows = leanvae_kernels.check(device)
+    print(format_rows(rows, quiet=args.quiet))
+    return 0 if all(r.passed for r in rows) else 1
 
 
 def _size(text):
@@ -309,6 +326,12 @@ def build_parser():
     info = sub.add_parser("info", help="versions, built native modules, and which backend serves each op")
     info.add_argument("-v", "--verbose", action="store_true", help="say why each missing backend is missing")
     info.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("check", help="run every op on every backend of the device against the reference "
+                                     "(forward and backward, three dtypes); exit 1 on any failure")
+    c.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when there is one, else cpu)")
+    c.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
+    c.set_defaults(func=cmd_check)
 
     b = sub.add_parser("bench", help="encode+decode a synthetic clip with the reference and fused kernels; "
                                      "check they agree; print time, peak memory and error")

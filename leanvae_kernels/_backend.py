@@ -10,8 +10,11 @@ Three layers, innermost first:
     `use_backend` block uses. Called inside a `use_backend` block it changes the default, not the
     block's choice (which stays in force until the block exits).
   * the environment variable `LEANVAE_KERNELS_BACKEND`, read when neither of the above is set.
-`"auto"` (the default) picks the fastest backend available for the tensor's device and dtype and falls
-back silently; an explicitly requested backend that cannot run raises `BackendUnavailable` saying why.
+`"auto"` (the default) picks the fastest backend that can run the call (device, dtype and the op's own
+limits, e.g. ISTA's d <= 64); when that skips a native module that should be there (missing, stale,
+failed to load) the first such call warns once per process (`NativeUnavailableWarning`, with the reason
+and the command that fixes it). An explicitly requested backend that cannot run raises
+`BackendUnavailable` saying why.
 Under `torch.compile` the setting is read when the graph is traced (a `use_backend` choice is baked
 into the graph; a `set_backend` change makes Dynamo retrace).
 """
@@ -19,6 +22,7 @@ import contextlib
 import contextvars
 import os
 import threading
+import warnings
 
 import torch
 
@@ -33,6 +37,25 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "referenc
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this op on this input; the message says why."""
+
+
+class NativeUnavailableWarning(RuntimeWarning):
+    """"auto" could not use a native module that should be there (missing, stale or failed to load) and ran
+    a slower backend; the message gives the reason and the command that fixes it. Issued once per process."""
+
+
+_warned_native = set()  # backends already warned about in this process
+
+
+def _warn_native_unavailable(backend):
+    from . import _native
+
+    problem = _native.expected_but_unusable(backend)
+    if problem is None or backend in _warned_native:
+        return
+    _warned_native.add(backend)
+    warnings.warn(f"leanvae_kernels: the native {backend} kernels cannot be used, so 'auto' runs a slower backend: "
+                  f"{problem}", NativeUnavailableWarning, stacklevel=4)
 
 
 def _validate(name, what="backend"):
@@ -135,9 +158,10 @@ ALL_OPS = []  # every OpBackends, in definition order (for `python -m leanvae in
 
 
 class OpBackends:
-    """The implementations of one op, by backend, and the choice among them for a call.
+    """The implementations of one op, by backend, and the one choice among them for a call.
 
-    Each implementation is registered with the dtypes it supports:
+    Each implementation is registered with the dtypes it supports and, where its kernels have limits of
+    their own, `supports(*args) -> None or reason` (the implementation's arguments; e.g. ISTA's d <= 64):
 
         fwd = OpBackends("soft_threshold")
         @fwd.register("cpu", dtypes=ALL_FLOAT)
@@ -147,20 +171,23 @@ class OpBackends:
     def __init__(self, name):
         self.name = name
         self.impls = {}
+        self._supports = {}
         ALL_OPS.append(self)
 
-    def register(self, backend, dtypes):
+    def register(self, backend, dtypes, supports=None):
         if backend not in BACKENDS:
             raise ValueError(f"{self.name}: unknown backend {backend!r}")
 
         def deco(fn):
             self.impls[backend] = (fn, frozenset(dtypes))
+            self._supports[backend] = supports
             return fn
 
         return deco
 
-    def status(self, backend, device_type, dtype=None):
-        """(available, reason) for this op on `backend` for tensors of `device_type`/`dtype`."""
+    def status(self, backend, device_type, dtype=None, args=None):
+        """(available, reason): can `backend` run this op for tensors of `device_type`/`dtype`, and, when
+        `args` (the implementation's arguments) are given, for these arguments? If not, why."""
         if backend not in self.impls:
             return False, f"{self.name} has no {backend} implementation"
         ok, reason = backend_status(backend, device_type)
@@ -170,23 +197,34 @@ class OpBackends:
         if dtype is not None and dtype not in dtypes:
             names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
             return False, f"{self.name} on {backend} supports {names}, not {str(dtype).replace('torch.', '')}"
+        supports = self._supports.get(backend)
+        if args is not None and supports is not None:
+            why = supports(*args)
+            if why:
+                return False, why
         return True, reason
 
-    def select(self, requested, device, dtype):
-        """The implementation to call for a tensor on `device` with `dtype`, per `requested`."""
+    def choose(self, requested, device, dtype, args=None):
+        """The backend name to run for a tensor on `device` with `dtype` (and `args`), per `requested`."""
         device_type = device.type if isinstance(device, torch.device) else str(device)
         if requested == "auto":
             for backend in _AUTO_ORDER.get(device_type, ("reference",)):
-                if self.status(backend, device_type, dtype)[0]:
-                    return self.impls[backend][0]
+                if self.status(backend, device_type, dtype, args)[0]:
+                    return backend
+                if backend in ("cpu", "cuda") and backend == device_type:
+                    _warn_native_unavailable(backend)
             raise BackendUnavailable(f"{self.name}: no backend can run on {device_type} {dtype}")
-        ok, reason = self.status(requested, device_type, dtype)
+        ok, reason = self.status(requested, device_type, dtype, args)
         if not ok:
             raise BackendUnavailable(f"{self.name}: backend {requested!r} is not available: {reason}")
-        return self.impls[requested][0]
+        return requested
+
+    def select(self, requested, device, dtype, args=None):
+        """The implementation to call for a tensor on `device` with `dtype` (and `args`), per `requested`."""
+        return self.impls[self.choose(requested, device, dtype, args)][0]
 
     def __call__(self, requested, device, dtype, *args):
-        fn = self.select(requested, device, dtype)
+        fn = self.select(requested, device, dtype, args)
         device_type = device.type if isinstance(device, torch.device) else str(device)
         with contextlib.ExitStack() as stack:
             if device_type == "cuda":

@@ -1,9 +1,15 @@
 """Loader of the native modules (`_C`: CPU kernels, `_C_cuda`: CUDA kernels) and the calling convention.
 
 A missing, stale or broken module never breaks `import leanvae_kernels`: `module(backend)` returns
-(None, reason) and the ops fall back to the next backend (`python -m leanvae info` prints the reason).
+(None, reason) and the ops fall back to the next backend (`python -m leanvae info` prints the reason;
+"auto" warns once per process when the module should have been usable, see `expected_but_unusable`).
 A build is stale when the sources under csrc/ changed after it was built (checked where the sources
 are present, as in an editable install) or when its calling convention differs from this file's.
+
+Every byte of csrc/ counts, comments and whitespace included: editing a comment makes the module stale
+until it is rebuilt. Deliberately so: telling a comment from code needs a C++ tokenizer (string and raw
+string literals, line splices, macros), and a wrong "unchanged" would run kernels older than their
+sources, whereas a needless rebuild costs a minute and the warning names the command.
 """
 import functools
 import hashlib
@@ -83,29 +89,49 @@ def isa_refusal(name):
             "rebuild it here with the default portable build: unset LEANVAE_KERNELS_CPU_ARCH, `pip install -e .`")
 
 
+# The command that rebuilds the native modules in place (an editable install, or a source tree).
+REBUILD = "`pip install -e .` (in a source tree: `python setup.py build_ext --inplace`)"
+
+
 @functools.lru_cache(maxsize=None)
 def module(backend):
     """(module, reason) for "cpu" or "cuda"; module is None when it cannot be used."""
+    mod, reason, _ = _load(backend)
+    return mod, reason
+
+
+def expected_but_unusable(backend):
+    """The reason (with the fix) when `backend`'s module should be usable here but is not: missing or
+    failed to load (the CPU module is always built), stale, or of another calling convention. None when
+    it is usable, deliberately disabled, or simply not expected (CUDA kernels not built, no CUDA device)."""
+    if backend == "cuda" and not torch.cuda.is_available():
+        return None  # nothing can run CUDA kernels here, built or not, current or stale
+    mod, reason = module(backend)
+    return reason if mod is None and _load(backend)[2] else None
+
+
+def _load(backend):
+    """(module or None, reason, whether a missing module is a fault to report)."""
     if os.environ.get("LEANVAE_KERNELS_DISABLE_NATIVE", "") == "1":
-        return None, "disabled by LEANVAE_KERNELS_DISABLE_NATIVE=1"
+        return None, "disabled by LEANVAE_KERNELS_DISABLE_NATIVE=1", False
     name = _MODULES[backend]
     refusal = isa_refusal(name)
     if refusal is not None:
-        return None, refusal
+        return None, refusal, True
     try:
         mod = importlib.import_module(name)
     except ImportError as exc:
         if backend == "cuda" and "No module named" in str(exc):
-            return None, "the CUDA kernels were not built (nvcc was not found at install time, or LEANVAE_KERNELS_BUILD_CUDA=0)"
-        return None, f"{name} is not built or failed to load ({exc}); run `pip install -e .`"
+            return None, "the CUDA kernels were not built (nvcc was not found at install time, or LEANVAE_KERNELS_BUILD_CUDA=0)", False
+        return None, f"{name} is not built or failed to load ({exc}); rebuild with {REBUILD}", True
     if getattr(mod, "API_VERSION", None) != API_VERSION:
-        return None, f"{name} is stale (API {getattr(mod, 'API_VERSION', '?')}, expected {API_VERSION}); rebuild with `pip install -e .`"
+        return None, f"{name} is stale (API {getattr(mod, 'API_VERSION', '?')}, expected {API_VERSION}); rebuild with {REBUILD}", True
     expected = source_hash()
     if expected is not None and mod.SOURCE_HASH != expected:
-        return None, f"{name} is stale (built from sources {mod.SOURCE_HASH}, csrc/ is now {expected}); rebuild with `pip install -e .`"
+        return None, f"{name} is stale (built from sources {mod.SOURCE_HASH}, csrc/ is now {expected}); rebuild with {REBUILD}", True
     if backend == "cuda" and not torch.cuda.is_available():
-        return None, "no CUDA device is visible to torch"
-    return mod, f"{name} ({mod.BUILD_INFO})"
+        return None, "no CUDA device is visible to torch", False
+    return mod, f"{name} ({mod.BUILD_INFO})", False
 
 
 def build_info(backend):

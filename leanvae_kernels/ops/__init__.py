@@ -1,4 +1,5 @@
-"""The registered ops (`torch.ops.leanvae.*`), each with its pure-PyTorch reference beside it."""
+"""The registered ops (`torch.ops.leanvae.*`), each with its pure-PyTorch reference beside it; every op is
+defined by `_define.define_op` (schema, eager body, fake, validation, gradient rule, shared hooks)."""
 from .causal_conv import causal_dwconv3d, causal_dwconv3d_reference
 from .geglu import geglu, geglu_reference
 from .haar import (
@@ -12,6 +13,3 @@ from .ista import (
     ista_init_step, ista_init_step_reference, ista_residual_step, ista_residual_step_reference, ista_step,
     ista_step_reference, soft_threshold, soft_threshold_reference,
 )
-from ._common import install_op_hooks
-
-install_op_hooks()  # forward-AD refusal and lazy torch._dynamo import, on every op above (see _common.py)

@@ -2,7 +2,6 @@
 import contextlib
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # cuda/triton kernels; float64 -> reference
@@ -56,7 +55,7 @@ def check_scalar(op, name, t):
         raise ValueError(f"{op}: {name} must hold one element (shape () or (1,)), got {describe(t)}")
 
 
-# Inside a torch.library.custom_op implementation the autograd dispatch keys are excluded, so tensors
+# Inside the implementation of a torch.library custom op the autograd dispatch keys are excluded, so tensors
 # made there never require grad and torch.autograd.grad would find no graph (the reference backward
 # silently returned zeros). `_autograd_enabled` lifts that exclusion for the reference's vjp only.
 _AUTOGRAD_KEYS = (
@@ -113,121 +112,3 @@ def sm_count(device, default=1):
 def acc_dtype(dtype):
     """Accumulation dtype of the references: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ------------------------------------------------------------------ hooks on every registered op
-# Applied once, by ops/__init__.py, to every op registered under the namespace (backward ops included),
-# so no op module needs its own copy.
-NAMESPACE = "leanvae"
-
-# Forward-mode AD. torch.library.custom_op's autograd kernel only knows reverse mode: a dual tensor that
-# does not require grad goes straight to the implementation and the output comes back without a tangent,
-# which forward AD reads as a zero tangent (silently wrong). Our kernel at the device-specific autograd
-# keys (which take precedence over the custom op's "Autograd" one) refuses tangents by name, then runs
-# the custom op's own autograd kernel unchanged.
-_FORWARD_AD_KEYS = ("AutogradCPU", "AutogradCUDA")
-_hook_libs = []  # keep the torch.library.Library objects alive: dropping one unregisters its kernels
-
-
-def forward_ad_error(op_name):
-    return RuntimeError(
-        f"{op_name}: forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) is not "
-        f"supported by the fused ops; use reverse mode (loss.backward(), torch.autograd.grad, torch.func.vjp, "
-        f"torch.func.jacrev), or run the model without use_fused_kernels for forward-mode AD"
-    )
-
-
-def _has_tangent(args):
-    # Every forward-mode entry point (forward_ad.dual_level, and torch.func.jvp/jacfwd, which open one)
-    # raises the level from -1; outside one no tensor can carry a tangent (the fast path of every call).
-    if _forward_ad._current_level < 0:
-        return False
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if _forward_ad.unpack_dual(a).tangent is not None:
-                return True
-        elif isinstance(a, (list, tuple)) and _has_tangent(a):
-            return True
-    return False
-
-
-def _refuse_forward_ad(opdef, lib):
-    from torch._library.autograd import make_autograd_impl
-
-    reverse = make_autograd_impl(opdef._opoverload, opdef)
-    name = f"{NAMESPACE}::{opdef._name}"
-
-    def kernel(keyset, *args, **kwargs):
-        if _has_tangent(args) or _has_tangent(kwargs.values()):
-            raise forward_ad_error(name)
-        return reverse(keyset, *args, **kwargs)
-
-    for key in _FORWARD_AD_KEYS:
-        lib.impl(opdef._name, kernel, key, with_keyset=True)
-
-
-# Cold start. custom_op wraps each implementation in torch._disable_dynamo, which imports torch._dynamo
-# (and through it Triton) on the first call: about 0.9 s on a 2-core machine, paid by the first fused
-# call on the CPU even though nothing is being compiled. While torch._dynamo has never been imported
-# nothing can be compiling, so the implementation is called directly; from the first call after
-# torch._dynamo is loaded (by torch.compile or anything else) torch's own disable wrapper is built and
-# used, as before. torch caches that wrapper on the wrapped function as `__dynamo_disable`; where a
-# torch version stores it differently this does nothing (only the cold start is slower).
-_DISABLE_ATTR = "__dynamo_disable"
-
-
-def _lazy_dynamo_disable(opdef):
-    import sys
-
-    for wrapper in opdef._backend_fns.values():
-        raw = getattr(wrapper, "__wrapped__", None)
-        if raw is None or getattr(raw, _DISABLE_ATTR, None) is not None:
-            continue
-
-        def direct_until_dynamo_loads(*args, _raw=raw, **kwargs):
-            if "torch._dynamo" in sys.modules:
-                import torch._dynamo
-
-                real = torch._dynamo.disable(_raw, True, wrapping=False)
-                setattr(_raw, _DISABLE_ATTR, real)
-                return real(*args, **kwargs)
-            return _raw(*args, **kwargs)
-
-        setattr(raw, _DISABLE_ATTR, direct_until_dynamo_loads)
-
-
-def double_backward_error(op_name):
-    return RuntimeError(
-        f"{op_name}: double backward (a gradient of a gradient, e.g. create_graph=True then backward again) "
-        f"is not supported by the fused ops; run the model without use_fused_kernels for higher-order gradients"
-    )
-
-
-def _refuse_double_backward(opdef):
-    """A backward op has no formula of its own: differentiating it is a clear error, not torch's advice
-    to register one."""
-    name = f"{NAMESPACE}::{opdef._name}"
-
-    def backward(ctx, *grads):
-        raise double_backward_error(name)
-
-    opdef.register_autograd(backward)
-
-
-def install_op_hooks():
-    """Forward-AD refusal, the double-backward error and the lazy dynamo wrapper on every op of the
-    namespace not yet hooked."""
-    from torch._library.custom_ops import OPDEFS
-
-    lib = None
-    for qualname, opdef in OPDEFS.items():
-        if not qualname.startswith(NAMESPACE + "::") or getattr(opdef, "_leanvae_hooked", False):
-            continue
-        if lib is None:
-            lib = torch.library.Library(NAMESPACE, "IMPL")
-            _hook_libs.append(lib)
-        if opdef._backward_fn is None:
-            _refuse_double_backward(opdef)
-        _refuse_forward_ad(opdef, lib)
-        _lazy_dynamo_disable(opdef)
-        opdef._leanvae_hooked = True

@@ -1,6 +1,6 @@
 """Causal depthwise 3x3x3 convolution on channels-last tokens (the model's PEG3D), with cache state.
 
-Contract (../shared/DESIGN.md):
+Contract:
     x: (B, T, H, W, C) any strides, weight: (C, 1, 3, 3, 3), bias: (C,) or None.
     Causal mode (group_size == 0):
         y[b,t,h,w,c] = bias[c] + sum_{i,j,k} weight[c,0,i,j,k] * xp[b, t+i, h+j-1, w+k-1, c]
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .. import _native
 from .._backend import OpBackends, resolve
+from ._define import Backward, define_op
 from ._common import ALL_DTYPES, GPU_DTYPES, acc_dtype, check_same_device, check_same_dtype, check_tensor, describe, vjp
 
 
@@ -289,36 +290,14 @@ def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size):
     return gx, gw, gb.to(bias.dtype) if bias is not None else None, gc
 
 
-@torch.library.custom_op("leanvae::causal_dwconv3d", mutates_args=())
-def _conv_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cache: torch.Tensor | None,
-    residual: bool, group_size: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, weight, bias, cache, residual, group_size)
-    y, new_cache = fwd(backend, x.device, x.dtype, x, weight, bias, cache, residual, group_size)
-    return y, new_cache
-
-
-@_conv_op.register_fake
-def _(x, weight, bias, cache, residual, group_size, backend):
-    _check(x, weight, bias, cache, residual, group_size)
-    b, t, h, w, c = x.shape
-    return x.new_empty(x.shape), x.new_empty((b, _cache_frames(group_size), h, w, c))
-
-
-@torch.library.custom_op("leanvae::causal_dwconv3d_backward", mutates_args=())
-def _conv_bwd_op(
-    grad_y: torch.Tensor, grad_cache: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    cache: torch.Tensor | None, residual: bool, group_size: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _conv_backward_impl(grad_y, grad_cache, x, weight, bias, cache, residual, group_size, backend):
     gx, gw, gb, gc = bwd(backend, x.device, x.dtype, grad_y, grad_cache, x, weight, bias, cache, residual, group_size)
-    # Fixed output arity for the schema: absent inputs get an empty gradient, dropped by the autograd glue.
+    # Fixed output arity for the schema: absent inputs get an empty gradient, dropped by the gradient rule.
     empty = x.new_empty((0,))
     return gx, gw, gb if gb is not None else empty, gc if gc is not None else empty.clone()
 
 
-@_conv_bwd_op.register_fake
-def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size, backend):
+def _conv_backward_fake(grad_y, grad_cache, x, weight, bias, cache, residual, group_size, backend):
     return (
         x.new_empty(x.shape),
         weight.new_empty(weight.shape),
@@ -327,24 +306,38 @@ def _(grad_y, grad_cache, x, weight, bias, cache, residual, group_size, backend)
     )
 
 
-def _setup(ctx, inputs, output):
+def _conv_rule(bwd_op, inputs, grad_y, grad_cache):
     x, weight, bias, cache, residual, group_size, backend = inputs
-    ctx.save_for_backward(x, weight, bias, cache)
-    ctx.residual, ctx.group_size, ctx.backend = residual, group_size, backend
-
-
-def _backward(ctx, grad_y, grad_cache):
-    x, weight, bias, cache = ctx.saved_tensors
     b, t, h, w, c = x.shape
     if grad_y is None:
         grad_y = x.new_zeros(x.shape)
     if grad_cache is None:
-        grad_cache = x.new_zeros((b, _cache_frames(ctx.group_size), h, w, c))
-    gx, gw, gb, gc = _conv_bwd_op(grad_y, grad_cache, x, weight, bias, cache, ctx.residual, ctx.group_size, ctx.backend)
-    return gx, gw, gb if bias is not None else None, gc if cache is not None else None, None, None, None
+        grad_cache = x.new_zeros((b, _cache_frames(group_size), h, w, c))
+    gx, gw, gb, gc = bwd_op(grad_y, grad_cache, *inputs)
+    return gx, gw, gb if bias is not None else None, gc if cache is not None else None, None, None
 
 
-_conv_op.register_autograd(_backward, setup_context=_setup)
+def _conv_fake(x, weight, bias, cache, residual, group_size, backend):
+    b, t, h, w, c = x.shape
+    return x.new_empty(x.shape), x.new_empty((b, _cache_frames(group_size), h, w, c))
+
+
+_conv = define_op(
+    "causal_dwconv3d",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? cache, bool residual, SymInt group_size, str backend) "
+    "-> (Tensor, Tensor)",
+    impl=lambda x, weight, bias, cache, residual, group_size, backend: fwd(
+        backend, x.device, x.dtype, x, weight, bias, cache, residual, group_size),
+    fake=_conv_fake,
+    check=_check,
+    backward=Backward(
+        "(Tensor grad_y, Tensor grad_cache, Tensor x, Tensor weight, Tensor? bias, Tensor? cache, bool residual, "
+        "SymInt group_size, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+        impl=_conv_backward_impl,
+        fake=_conv_backward_fake,
+        rule=_conv_rule,
+    ),
+)
 
 
 def causal_dwconv3d(x, weight, bias=None, cache=None, *, residual=False, group_size=0, halo_top=None,
@@ -360,7 +353,7 @@ def causal_dwconv3d(x, weight, bias=None, cache=None, *, residual=False, group_s
     _check(x, weight, bias, cache, residual, group_size)
     _check_halos(x, halo_top, halo_bottom, group_size)
     backend = resolve(backend)
-    y, new_cache = torch.ops.leanvae.causal_dwconv3d(x, weight, bias, cache, residual, group_size, backend)
+    y, new_cache = _conv.call_validated(x, weight, bias, cache, residual, group_size, backend=backend)
     if halo_top is not None or halo_bottom is not None:
         y = _with_halos(y, x, weight, bias, cache, residual, group_size, halo_top, halo_bottom, backend)
     return y, new_cache

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from .._backend import OpBackends, resolve
+from .._backend import OpBackends
 from ._common import ALL_DTYPES, GPU_DTYPES, acc_dtype, check_tensor, describe, vjp
+from ._define import Backward, define_op
 
 
 def geglu_reference(u):
@@ -94,42 +95,27 @@ def _(grad, u):
     return geglu_bwd(_rows(grad), _rows(u))
 
 
-@torch.library.custom_op("leanvae::geglu", mutates_args=())
-def _geglu_op(u: torch.Tensor, backend: str) -> torch.Tensor:
-    _check_geglu(u)
+def _geglu_impl(u, backend):
     out = _fwd(backend, u.device, u.dtype, u)
     return out.view(*u.shape[:-1], u.shape[-1] // 2)
 
 
-@_geglu_op.register_fake
-def _(u, backend):
-    _check_geglu(u)
-    return u.new_empty((*u.shape[:-1], u.shape[-1] // 2))
+def _geglu_backward_impl(grad, u, backend):
+    return _bwd(backend, u.device, u.dtype, grad.to(u.dtype), u).view(u.shape)
 
 
-@torch.library.custom_op("leanvae::geglu_backward", mutates_args=())
-def _geglu_backward_op(grad: torch.Tensor, u: torch.Tensor, backend: str) -> torch.Tensor:
-    grad = grad.to(u.dtype)
-    return _bwd(backend, u.device, u.dtype, grad, u).view(u.shape)
-
-
-@_geglu_backward_op.register_fake
-def _(grad, u, backend):
-    return u.new_empty(u.shape)
-
-
-def _setup(ctx, inputs, output):
-    u, backend = inputs
-    ctx.save_for_backward(u)
-    ctx.backend = backend
-
-
-def _backward(ctx, grad):
-    (u,) = ctx.saved_tensors
-    return torch.ops.leanvae.geglu_backward(grad, u, ctx.backend), None
-
-
-_geglu_op.register_autograd(_backward, setup_context=_setup)
+_geglu = define_op(
+    "geglu", "(Tensor u, str backend) -> Tensor",
+    impl=_geglu_impl,
+    fake=lambda u, backend: u.new_empty((*u.shape[:-1], u.shape[-1] // 2)),
+    check=_check_geglu,
+    backward=Backward(
+        "(Tensor grad, Tensor u, str backend) -> Tensor",
+        impl=_geglu_backward_impl,
+        fake=lambda grad, u, backend: u.new_empty(u.shape),
+        rule=lambda bwd, inputs, grad: (bwd(grad, *inputs),),
+    ),
+)
 
 
 def geglu(u, *, backend=None):
@@ -139,5 +125,4 @@ def geglu(u, *, backend=None):
     Returns a contiguous (..., p) tensor of u's dtype. `backend`: None (the process setting), "auto",
     "cuda", "triton", "cpu" or "reference" (there is no CUDA C++ kernel: "auto" on a GPU runs Triton).
     """
-    _check_geglu(u)
-    return torch.ops.leanvae.geglu(u, resolve(backend))
+    return _geglu(u, backend=backend)

@@ -1,6 +1,6 @@
 """Haar wavelet ops: 3-D and 2-D DWT, their inverses, and the model's patch transform.
 
-Contract (../shared/DESIGN.md; `rescale=True`, the published default):
+Contract (`rescale=True`, the published default):
     haar_dwt3d:   x (B, C, T, H, W) -> (B, 8C, ceil(T/2), ceil(H/2), ceil(W/2)); channel band*C + c,
                   band = 4*bt + 2*bh + bw (bit set = high-pass along T, H, W). Along each axis a pair (a, b)
                   gives low (a+b)/sqrt2, high (a-b)/sqrt2; an odd length reflects (the missing sample of the
@@ -24,8 +24,9 @@ import math
 import torch
 
 from .. import _native
-from .._backend import OpBackends, resolve
+from .._backend import OpBackends
 from ._common import ALL_DTYPES, GPU_DTYPES, acc_dtype, check_tensor, describe, vjp
+from ._define import Backward, define_op
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
@@ -260,38 +261,19 @@ _register_fused("triton", GPU_DTYPES)
 
 
 def _single_input_op(name, fwd, bwd, check, out_shape):
-    """Defines leanvae::<name>(Tensor x, bool rescale, str backend) -> Tensor with fake and autograd."""
-
-    def impl(x: torch.Tensor, rescale: bool, backend: str) -> torch.Tensor:
-        check(x)
-        return fwd(backend, x.device, x.dtype, x, rescale)
-
-    def impl_bwd(grad: torch.Tensor, x: torch.Tensor, rescale: bool, backend: str) -> torch.Tensor:
-        return bwd(backend, x.device, x.dtype, grad, x, rescale)
-
-    op = torch.library.custom_op(f"leanvae::{name}", impl, mutates_args=())
-    op_bwd = torch.library.custom_op(f"leanvae::{name}_backward", impl_bwd, mutates_args=())
-
-    @op.register_fake
-    def _(x, rescale, backend):
-        check(x)
-        return x.new_empty(out_shape(x))
-
-    @op_bwd.register_fake
-    def _(grad, x, rescale, backend):
-        return x.new_empty(x.shape)
-
-    def setup(ctx, inputs, output):
-        x, rescale, backend = inputs
-        ctx.save_for_backward(x)
-        ctx.rescale, ctx.backend = rescale, backend
-
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return op_bwd(grad, x, ctx.rescale, ctx.backend), None, None
-
-    op.register_autograd(backward, setup_context=setup)
-    return op
+    """Defines leanvae::<name>(Tensor x, bool rescale, str backend) -> Tensor and its backward."""
+    return define_op(
+        name, "(Tensor x, bool rescale, str backend) -> Tensor",
+        impl=lambda x, rescale, backend: fwd(backend, x.device, x.dtype, x, rescale),
+        fake=lambda x, rescale, backend: x.new_empty(out_shape(x)),
+        check=lambda x, rescale: check(x),
+        backward=Backward(
+            "(Tensor grad, Tensor x, bool rescale, str backend) -> Tensor",
+            impl=lambda grad, x, rescale, backend: bwd(backend, x.device, x.dtype, grad, x, rescale),
+            fake=lambda grad, x, rescale, backend: x.new_empty(x.shape),
+            rule=lambda bwd_op, inputs, grad: (bwd_op(grad, *inputs), None),
+        ),
+    )
 
 
 def _check_dwt3d(x):
@@ -329,46 +311,31 @@ def _check_patch(x):
     _check_video("haar_patch", "x", x, frames="odd")
 
 
-@torch.library.custom_op("leanvae::haar_patch", mutates_args=())
-def _patch_op(x: torch.Tensor, rescale: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_patch(x)
-    xi, xv = patch_fwd(backend, x.device, x.dtype, x, rescale)
-    return xi, xv
+def _patch_shapes(x):
+    return _dwt_shape(x, 4, 1), _dwt_shape(x, 8, (x.shape[2] - 1) // 2)
 
 
-@_patch_op.register_fake
-def _(x, rescale, backend):
-    _check_patch(x)
-    return x.new_empty(_dwt_shape(x, 4, 1)), x.new_empty(_dwt_shape(x, 8, (x.shape[2] - 1) // 2))
-
-
-@torch.library.custom_op("leanvae::haar_patch_backward", mutates_args=())
-def _patch_bwd_op(grad_xi: torch.Tensor, grad_xv: torch.Tensor, x: torch.Tensor, rescale: bool, backend: str) -> torch.Tensor:
-    return patch_bwd(backend, x.device, x.dtype, grad_xi, grad_xv, x, rescale)
-
-
-@_patch_bwd_op.register_fake
-def _(grad_xi, grad_xv, x, rescale, backend):
-    return x.new_empty(x.shape)
-
-
-def _patch_setup(ctx, inputs, output):
-    x, rescale, backend = inputs
-    ctx.save_for_backward(x)
-    ctx.rescale, ctx.backend = rescale, backend
-
-
-def _patch_backward(ctx, grad_xi, grad_xv):
-    (x,) = ctx.saved_tensors
+def _patch_rule(bwd_op, inputs, grad_xi, grad_xv):
+    x = inputs[0]
     # autograd passes None for an unused output; the kernels want real tensors.
-    if grad_xi is None:
-        grad_xi = x.new_zeros(_dwt_shape(x, 4, 1))
-    if grad_xv is None:
-        grad_xv = x.new_zeros(_dwt_shape(x, 8, (x.shape[2] - 1) // 2))
-    return _patch_bwd_op(grad_xi, grad_xv, x, ctx.rescale, ctx.backend), None, None
+    si, sv = _patch_shapes(x)
+    grad_xi = x.new_zeros(si) if grad_xi is None else grad_xi
+    grad_xv = x.new_zeros(sv) if grad_xv is None else grad_xv
+    return bwd_op(grad_xi, grad_xv, *inputs), None
 
 
-_patch_op.register_autograd(_patch_backward, setup_context=_patch_setup)
+_patch = define_op(
+    "haar_patch", "(Tensor x, bool rescale, str backend) -> (Tensor, Tensor)",
+    impl=lambda x, rescale, backend: tuple(patch_fwd(backend, x.device, x.dtype, x, rescale)),
+    fake=lambda x, rescale, backend: tuple(x.new_empty(s) for s in _patch_shapes(x)),
+    check=lambda x, rescale: _check_patch(x),
+    backward=Backward(
+        "(Tensor grad_xi, Tensor grad_xv, Tensor x, bool rescale, str backend) -> Tensor",
+        impl=lambda gi, gv, x, rescale, backend: patch_bwd(backend, x.device, x.dtype, gi, gv, x, rescale),
+        fake=lambda gi, gv, x, rescale, backend: x.new_empty(x.shape),
+        rule=_patch_rule,
+    ),
+)
 
 
 def _check_unpatch(xi, xv):
@@ -386,70 +353,44 @@ def _check_unpatch(xi, xv):
         raise TypeError(f"haar_unpatch: xi and xv must share dtype and device; got xi {describe(xi)} and xv {describe(xv)}")
 
 
-@torch.library.custom_op("leanvae::haar_unpatch", mutates_args=())
-def _unpatch_op(xi: torch.Tensor, xv: torch.Tensor, rescale: bool, backend: str) -> torch.Tensor:
-    _check_unpatch(xi, xv)
-    return unpatch_fwd(backend, xv.device, xv.dtype, xi, xv, rescale)
-
-
-@_unpatch_op.register_fake
-def _(xi, xv, rescale, backend):
-    _check_unpatch(xi, xv)
+def _unpatch_fake(xi, xv, rescale, backend):
     b, c8, t, h, w = xv.shape
     return xv.new_empty((b, c8 // 8, 1 + 2 * t, 2 * h, 2 * w))
 
 
-@torch.library.custom_op("leanvae::haar_unpatch_backward", mutates_args=())
-def _unpatch_bwd_op(
-    grad: torch.Tensor, xi: torch.Tensor, xv: torch.Tensor, rescale: bool, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    gi, gv = unpatch_bwd(backend, xv.device, xv.dtype, grad, xi, xv, rescale)
-    return gi, gv
-
-
-@_unpatch_bwd_op.register_fake
-def _(grad, xi, xv, rescale, backend):
-    return xi.new_empty(xi.shape), xv.new_empty(xv.shape)
-
-
-def _unpatch_setup(ctx, inputs, output):
-    xi, xv, rescale, backend = inputs
-    ctx.save_for_backward(xi, xv)
-    ctx.rescale, ctx.backend = rescale, backend
-
-
-def _unpatch_backward(ctx, grad):
-    xi, xv = ctx.saved_tensors
-    gi, gv = _unpatch_bwd_op(grad, xi, xv, ctx.rescale, ctx.backend)
-    return gi, gv, None, None
-
-
-_unpatch_op.register_autograd(_unpatch_backward, setup_context=_unpatch_setup)
+_unpatch = define_op(
+    "haar_unpatch", "(Tensor xi, Tensor xv, bool rescale, str backend) -> Tensor",
+    impl=lambda xi, xv, rescale, backend: unpatch_fwd(backend, xv.device, xv.dtype, xi, xv, rescale),
+    fake=_unpatch_fake,
+    check=lambda xi, xv, rescale: _check_unpatch(xi, xv),
+    backward=Backward(
+        "(Tensor grad, Tensor xi, Tensor xv, bool rescale, str backend) -> (Tensor, Tensor)",
+        impl=lambda grad, xi, xv, rescale, backend: tuple(unpatch_bwd(backend, xv.device, xv.dtype, grad, xi, xv, rescale)),
+        fake=lambda grad, xi, xv, rescale, backend: (xi.new_empty(xi.shape), xv.new_empty(xv.shape)),
+        rule=lambda bwd_op, inputs, grad: (*bwd_op(grad, *inputs), None),
+    ),
+)
 
 
 # ------------------------------------------------------------------------------------ public API
 def haar_dwt3d(x, rescale=True, *, backend=None):
     """3-D Haar DWT. x: (B, C, T, H, W), T, H, W >= 2 -> (B, 8C, ceil(T/2), ceil(H/2), ceil(W/2))."""
-    _check_dwt3d(x)
-    return torch.ops.leanvae.haar_dwt3d(x, rescale, resolve(backend))
+    return _dwt3d_op(x, rescale, backend=backend)
 
 
 def haar_dwt2d(x, rescale=True, *, backend=None):
     """2-D Haar DWT of one frame. x: (B, C, 1, H, W) -> (B, 4C, 1, ceil(H/2), ceil(W/2))."""
-    _check_dwt2d(x)
-    return torch.ops.leanvae.haar_dwt2d(x, rescale, resolve(backend))
+    return _dwt2d_op(x, rescale, backend=backend)
 
 
 def haar_idwt3d(x, rescale=True, *, backend=None):
     """Inverse 3-D Haar DWT. x: (B, 8C, T, H, W) -> (B, C, 2T, 2H, 2W)."""
-    _check_idwt3d(x)
-    return torch.ops.leanvae.haar_idwt3d(x, rescale, resolve(backend))
+    return _idwt3d_op(x, rescale, backend=backend)
 
 
 def haar_idwt2d(x, rescale=True, *, backend=None):
     """Inverse 2-D Haar DWT. x: (B, 4C, 1, H, W) -> (B, C, 1, 2H, 2W)."""
-    _check_idwt2d(x)
-    return torch.ops.leanvae.haar_idwt2d(x, rescale, resolve(backend))
+    return _idwt2d_op(x, rescale, backend=backend)
 
 
 def haar_patch(x, rescale=True, *, backend=None):
@@ -464,15 +405,13 @@ def haar_patch(x, rescale=True, *, backend=None):
         return haar_dwt2d(x, rescale, backend=backend), None
     if t % 2 == 0:
         return None, haar_dwt3d(x, rescale, backend=backend)
-    _check_patch(x)
-    return torch.ops.leanvae.haar_patch(x, rescale, resolve(backend))
+    return _patch(x, rescale, backend=backend)
 
 
 def haar_unpatch(xi, xv, rescale=True, *, backend=None):
     """The model's inverse patch transform: (xi, xv) -> video (B, C, T, H, W); xi alone -> image (B, C, H, W)."""
     if xi is not None and xv is not None:
-        _check_unpatch(xi, xv)
-        return torch.ops.leanvae.haar_unpatch(xi, xv, rescale, resolve(backend))
+        return _unpatch(xi, xv, rescale, backend=backend)
     if xi is not None:
         return haar_idwt2d(xi, rescale, backend=backend).squeeze(2)
     if xv is not None:

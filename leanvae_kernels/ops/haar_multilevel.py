@@ -23,8 +23,9 @@ whole transform moves about 1/7 more data than a single pass. The backward passe
 """
 import torch
 
-from .._backend import OpBackends, resolve
+from .._backend import OpBackends
 from ._common import ALL_DTYPES, GPU_DTYPES, acc_dtype, check_tensor, describe, vjp
+from ._define import Backward, define_op
 from .haar import _INV3, _S3, analysis, haar_dwt3d_reference, haar_idwt3d_reference, synthesis
 
 BAND_NAMES = ("LLL", "LLH", "LHL", "LHH", "HLL", "HLH", "HHL", "HHH")  # index 4*bt + 2*bh + bw
@@ -235,74 +236,37 @@ _register_fused("triton", GPU_DTYPES)
 
 
 # ------------------------------------------------------------------------------------ custom ops
-@torch.library.custom_op("leanvae::haar_latent_compress", mutates_args=())
-def _compress_op(z: torch.Tensor, levels: int, keep: list[int], drop: bool, rescale: bool, backend: str) -> torch.Tensor:
-    _check_latent(z, levels)
-    return compress_fwd(backend, z.device, z.dtype, z, levels, tuple(keep), drop, rescale)
+def _linear_backward(bwd):
+    """Both ops are linear: the backward needs only the input's shape (the input itself is not kept)."""
+    return Backward(
+        "(Tensor grad, SymInt[] shape, SymInt levels, SymInt[] keep, bool drop, bool rescale, str backend) -> Tensor",
+        impl=lambda grad, shape, levels, keep, drop, rescale, backend: bwd(
+            backend, grad.device, grad.dtype, grad, tuple(shape), levels, tuple(keep), drop, rescale),
+        fake=lambda grad, shape, levels, keep, drop, rescale, backend: grad.new_empty(shape),
+        rule=lambda bwd_op, inputs, grad: (bwd_op(grad, *inputs), None, None, None, None),
+        keep=lambda inputs: (list(inputs[0].shape),) + tuple(inputs[1:]),
+    )
 
 
-@_compress_op.register_fake
-def _(z, levels, keep, drop, rescale, backend):
-    _check_latent(z, levels)
-    return z.new_empty(_compressed_shape(z.shape, levels, keep, drop))
+_compress = define_op(
+    "haar_latent_compress",
+    "(Tensor z, SymInt levels, SymInt[] keep, bool drop, bool rescale, str backend) -> Tensor",
+    impl=lambda z, levels, keep, drop, rescale, backend: compress_fwd(
+        backend, z.device, z.dtype, z, levels, tuple(keep), drop, rescale),
+    fake=lambda z, levels, keep, drop, rescale, backend: z.new_empty(_compressed_shape(z.shape, levels, keep, drop)),
+    check=lambda z, levels, keep, drop, rescale: _check_latent(z, levels),
+    backward=_linear_backward(compress_bwd),
+)
 
-
-@torch.library.custom_op("leanvae::haar_latent_compress_backward", mutates_args=())
-def _compress_bwd_op(grad: torch.Tensor, shape: list[int], levels: int, keep: list[int], drop: bool, rescale: bool,
-                     backend: str) -> torch.Tensor:
-    return compress_bwd(backend, grad.device, grad.dtype, grad, tuple(shape), levels, tuple(keep), drop, rescale)
-
-
-@_compress_bwd_op.register_fake
-def _(grad, shape, levels, keep, drop, rescale, backend):
-    return grad.new_empty(shape)
-
-
-def _compress_setup(ctx, inputs, output):
-    z, levels, keep, drop, rescale, backend = inputs
-    ctx.args = (list(z.shape), levels, keep, drop, rescale, backend)
-
-
-def _compress_backward(ctx, grad):
-    return _compress_bwd_op(grad, *ctx.args), None, None, None, None, None
-
-
-_compress_op.register_autograd(_compress_backward, setup_context=_compress_setup)
-
-
-@torch.library.custom_op("leanvae::haar_latent_decompress", mutates_args=())
-def _decompress_op(zc: torch.Tensor, levels: int, keep: list[int], drop: bool, rescale: bool, backend: str) -> torch.Tensor:
-    _check_compressed(zc, levels, keep, drop)
-    return decompress_fwd(backend, zc.device, zc.dtype, zc, levels, tuple(keep), drop, rescale)
-
-
-@_decompress_op.register_fake
-def _(zc, levels, keep, drop, rescale, backend):
-    _check_compressed(zc, levels, keep, drop)
-    return zc.new_empty(_latent_shape(zc.shape, levels, keep, drop))
-
-
-@torch.library.custom_op("leanvae::haar_latent_decompress_backward", mutates_args=())
-def _decompress_bwd_op(grad: torch.Tensor, shape: list[int], levels: int, keep: list[int], drop: bool, rescale: bool,
-                       backend: str) -> torch.Tensor:
-    return decompress_bwd(backend, grad.device, grad.dtype, grad, tuple(shape), levels, tuple(keep), drop, rescale)
-
-
-@_decompress_bwd_op.register_fake
-def _(grad, shape, levels, keep, drop, rescale, backend):
-    return grad.new_empty(shape)
-
-
-def _decompress_setup(ctx, inputs, output):
-    zc, levels, keep, drop, rescale, backend = inputs
-    ctx.args = (list(zc.shape), levels, keep, drop, rescale, backend)
-
-
-def _decompress_backward(ctx, grad):
-    return _decompress_bwd_op(grad, *ctx.args), None, None, None, None, None
-
-
-_decompress_op.register_autograd(_decompress_backward, setup_context=_decompress_setup)
+_decompress = define_op(
+    "haar_latent_decompress",
+    "(Tensor zc, SymInt levels, SymInt[] keep, bool drop, bool rescale, str backend) -> Tensor",
+    impl=lambda zc, levels, keep, drop, rescale, backend: decompress_fwd(
+        backend, zc.device, zc.dtype, zc, levels, tuple(keep), drop, rescale),
+    fake=lambda zc, levels, keep, drop, rescale, backend: zc.new_empty(_latent_shape(zc.shape, levels, keep, drop)),
+    check=lambda zc, levels, keep, drop, rescale: _check_compressed(zc, levels, keep, drop),
+    backward=_linear_backward(decompress_bwd),
+)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -310,13 +274,11 @@ def haar_latent_compress(z, levels=1, keep=DEFAULT_KEEP, *, drop=True, rescale=F
     """z: (B, C, T, H, W), T/H/W divisible by 2^levels -> the kept coarsest-level sub-bands:
     (B, K*C, T/2^L, H/2^L, W/2^L) (drop=True, `keep` order) or (B, 8C, ...) with the others zeroed."""
     keep = parse_keep(keep, "haar_latent_compress")
-    _check_latent(z, levels)
-    return torch.ops.leanvae.haar_latent_compress(z, levels, list(keep), bool(drop), bool(rescale), resolve(backend))
+    return _compress(z, levels, list(keep), bool(drop), bool(rescale), backend=backend)
 
 
 def haar_latent_decompress(zc, levels=1, keep=DEFAULT_KEEP, *, drop=True, rescale=False, backend=None):
     """The inverse of `haar_latent_compress` with the same arguments: zero-fills what was dropped and
     reconstructs (B, C, T*2^L, H*2^L, W*2^L). With drop=False, bands outside `keep` are read as zero."""
     keep = parse_keep(keep, "haar_latent_decompress")
-    _check_compressed(zc, levels, keep, drop)
-    return torch.ops.leanvae.haar_latent_decompress(zc, levels, list(keep), bool(drop), bool(rescale), resolve(backend))
+    return _decompress(zc, levels, list(keep), bool(drop), bool(rescale), backend=backend)

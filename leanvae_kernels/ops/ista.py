@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from .._backend import _AUTO_ORDER, BackendUnavailable, OpBackends, resolve
+from .._backend import OpBackends
 from ._common import (ALL_DTYPES, GPU_DTYPES, acc_dtype, check_same_device, check_scalar, check_tensor,
                       sm_count, vjp)
+from ._define import Backward, define_op
 
 # Elements per partial sum of grad_theta. Fixed, so the reduction order (and result) does not depend
 # on the thread count or the backend's launch shape. Must match the kernels' argument.
@@ -99,59 +100,41 @@ def _(grad, x, theta):
     return grad_x, partials.sum().neg().to(theta.dtype).reshape(theta.shape)
 
 
-@torch.library.custom_op("leanvae::soft_threshold", mutates_args=())
-def _soft_threshold_op(x: torch.Tensor, theta: torch.Tensor, backend: str) -> torch.Tensor:
-    _check_soft_threshold(x, theta)
-    x = _promote(x, theta)
-    # Elementwise: the kernels see one flat contiguous run, so any rank works (the native shape/stride
-    # descriptions hold at most 8 dims).
-    return _st_fwd(backend, x.device, x.dtype, x.reshape(-1), theta).view(x.shape)
+def _soft_threshold_impl(x, theta, backend):
+    xp = _promote(x, theta)
+    # Elementwise: the kernels see one flat contiguous run and theta as one element, so any rank of either
+    # works (the native shape/stride descriptions hold at most 8 dims).
+    return _st_fwd(backend, xp.device, xp.dtype, xp.reshape(-1), theta.reshape(1)).view(xp.shape)
 
 
-@_soft_threshold_op.register_fake
-def _(x, theta, backend):
-    _check_soft_threshold(x, theta)
-    return x.new_empty(x.shape, dtype=torch.result_type(x, theta))
-
-
-@torch.library.custom_op("leanvae::soft_threshold_backward", mutates_args=())
-def _soft_threshold_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, theta: torch.Tensor, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _soft_threshold_backward_impl(grad, x, theta, backend):
     xp = _promote(x, theta)
     flat_grad = grad.to(xp.dtype).contiguous().reshape(-1)
-    grad_x, grad_theta = _st_bwd(backend, xp.device, xp.dtype, flat_grad, xp.reshape(-1), theta)
-    return grad_x.view(x.shape).to(x.dtype), grad_theta
+    grad_x, grad_theta = _st_bwd(backend, xp.device, xp.dtype, flat_grad, xp.reshape(-1), theta.reshape(1))
+    return grad_x.view(x.shape).to(x.dtype), grad_theta.reshape(theta.shape)
 
 
-@_soft_threshold_backward_op.register_fake
-def _(grad, x, theta, backend):
-    return x.new_empty(x.shape), theta.new_empty(theta.shape)
-
-
-def _st_setup(ctx, inputs, output):
-    x, theta, backend = inputs
-    ctx.save_for_backward(x, theta)
-    ctx.backend = backend
-
-
-def _st_backward(ctx, grad):
-    x, theta = ctx.saved_tensors
-    grad_x, grad_theta = torch.ops.leanvae.soft_threshold_backward(grad, x, theta, ctx.backend)
-    return grad_x, grad_theta, None
-
-
-_soft_threshold_op.register_autograd(_st_backward, setup_context=_st_setup)
+_soft_threshold = define_op(
+    "soft_threshold", "(Tensor x, Tensor theta, str backend) -> Tensor",
+    impl=_soft_threshold_impl,
+    fake=lambda x, theta, backend: x.new_empty(x.shape, dtype=torch.result_type(x, theta)),
+    check=_check_soft_threshold,
+    backward=Backward(
+        "(Tensor grad, Tensor x, Tensor theta, str backend) -> (Tensor, Tensor)",
+        impl=_soft_threshold_backward_impl,
+        fake=lambda grad, x, theta, backend: (x.new_empty(x.shape), theta.new_empty(theta.shape)),
+        rule=lambda bwd, inputs, grad: bwd(grad, *inputs),
+    ),
+)
 
 
 def soft_threshold(x, theta, *, backend=None):
-    """`sign(x) * relu(|x| - theta)` in one pass. x: any shape; theta: one element (learnable).
+    """`sign(x) * relu(|x| - theta)` in one pass. x: any shape; theta: one element (learnable), any rank.
 
-    Returns a contiguous tensor of dtype `torch.result_type(x, theta)`. `backend`: None (the process
-    setting), "auto", "cuda", "triton", "cpu" or "reference".
+    Returns a contiguous tensor of x's shape and dtype `torch.result_type(x, theta)`. `backend`: None (the
+    process setting), "auto", "cuda", "triton", "cpu" or "reference".
     """
-    _check_soft_threshold(x, theta)
-    return torch.ops.leanvae.soft_threshold(x, theta, resolve(backend))
+    return _soft_threshold(x, theta, backend=backend)
 
 
 # --------------------------------------------------------------------------------------- ISTA step
@@ -305,15 +288,58 @@ def _partials(n, d, big_d, device, dtype, rows=ISTA_PARTIAL_ROWS):
     return torch.empty(blocks, d, big_d, device=device, dtype=acc), torch.empty(blocks, device=device, dtype=acc)
 
 
+def _cuda_max_smem(device):
+    """The device's opt-in shared memory per block, in bytes (what the CUDA launcher checks against)."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _cuda_smem_bytes(mode, d, big_d):
+    """Shared memory of the larger of the CUDA forward and backward launches for (mode, d, D): the `plan` of
+    csrc/cuda/ista_step.cu (4 columns per thread in whole warps; phi, and Q in mode 2, held as float tables;
+    forward row groups of 8 for d <= 4, else 4 rows over phi rows padded to 8; backward 8 rows over phi rows
+    padded to 4). The launcher checks the same figure against the device and raises if it does not fit."""
+    def cdiv(a, b):
+        return -(-a // b)
+
+    warps = cdiv(cdiv(big_d, 4), 32)
+    d4 = warps * 32 * 4
+    tables = 2 if mode == 2 else 1
+    fwd_dp, fwd_rows = (4, 8) if d <= 4 else (cdiv(d, 8) * 8, 4)
+    bwd_dp, bwd_rows = cdiv(d, 4) * 4, 8
+    return max((dp * d4 * tables + warps * dp * rows + 2 * rows * dp + warps) * 4
+               for dp, rows in ((fwd_dp, fwd_rows), (bwd_dp, bwd_rows)))
+
+
+def _step_support(backend):
+    """`supports` of the step kernels of `backend`: None, or why they cannot run this (d, D) on this device."""
+    def supports(mode, *args):
+        phi = args[-2]
+        d, big_d = phi.shape
+        if d > ISTA_MAX_D:
+            return f"the fused kernels support d <= {ISTA_MAX_D}, got d = {d}"
+        if backend == "triton" and big_d > 4096:
+            return f"the triton kernels hold a token row on chip and support D <= 4096, got D = {big_d}"
+        if backend == "cuda":
+            if big_d > 4096:
+                return f"the cuda kernels give each of at most 1024 threads 4 columns: D <= 4096, got D = {big_d}"
+            smem, limit = _cuda_smem_bytes(mode, d, big_d), _cuda_max_smem(phi.device)
+            if smem > limit:
+                return (f"the cuda kernels hold phi{' and Q' if mode == 2 else ''} in shared memory: d = {d}, "
+                        f"D = {big_d} needs {smem} bytes, the device allows {limit}")
+        return None
+
+    return supports
+
+
 def _native_step_impls(backend, dtypes):
-    @_step_fwd.register(backend, dtypes)
+    @_step_fwd.register(backend, dtypes, supports=_step_support(backend))
     def _(mode, src, u, y, phi, w):
         out = torch.empty(y.shape[0], phi.shape[1], device=y.device, dtype=y.dtype)
         tensors = [src, y, phi, w, out] + ([u] if mode == 1 else [])
         _native.run(backend, "ista_step_fwd", tensors, ints=[mode])
         return out
 
-    @_step_bwd.register(backend, dtypes)
+    @_step_bwd.register(backend, dtypes, supports=_step_support(backend))
     def _(mode, grad, src, u, y, phi, w):
         grad_x = torch.empty_like(grad)
         grad_y = torch.empty(y.shape, device=y.device, dtype=acc_dtype(y.dtype))
@@ -328,227 +354,20 @@ _native_step_impls("cpu", ALL_DTYPES)
 _native_step_impls("cuda", GPU_DTYPES)
 
 
-@_step_fwd.register("triton", GPU_DTYPES)
+@_step_fwd.register("triton", GPU_DTYPES, supports=_step_support("triton"))
 def _(mode, src, u, y, phi, w):
     from ..triton.ista import ista_step_fwd
 
     return ista_step_fwd(mode, src, u, y, phi, w)
 
 
-@_step_bwd.register("triton", GPU_DTYPES)
+@_step_bwd.register("triton", GPU_DTYPES, supports=_step_support("triton"))
 def _(mode, grad, src, u, y, phi, w):
     from ..triton.ista import ista_step_bwd
 
     rows = ista_partial_rows(grad.shape[0], sm_count(grad.device))
     grad_x, grad_y, part_phi, part_w = ista_step_bwd(mode, grad, src, u, y, phi, w, rows)
     return (grad_x, grad_y) + _finish_grads(part_phi, part_w, phi, w)
-
-
-# Shared memory the CUDA kernels may ask for (the largest opt-in of an A100 is 163 KiB, of an H100 227 KiB).
-_CUDA_MAX_SMEM = 160 * 1024
-
-
-def _cuda_smem_bytes(mode, d, big_d):
-    """Shared memory of the larger of the CUDA forward and backward launches (csrc/cuda/ista_step.cu: plan)."""
-    def cdiv(a, b):
-        return -(-a // b)
-
-    warps = cdiv(cdiv(big_d, 4), 32)  # 4 columns per thread, whole warps
-    d4 = warps * 32 * 4
-    tables = 2 if mode == 2 else 1
-    fwd_dp, fwd_rows = (4, 8) if d <= 4 else (cdiv(d, 8) * 8, 4)
-    bwd_dp, bwd_rows = cdiv(d, 4) * 4, 8
-    return max((dp * d4 * tables + warps * dp * rows + 2 * rows * dp + warps) * 4
-               for dp, rows in ((fwd_dp, fwd_rows), (bwd_dp, bwd_rows)))
-
-
-def _shape_support(backend, mode, d, big_d):
-    """(ok, reason): whether `backend`'s kernels handle this d and D (every backend handles the dtypes it registers)."""
-    if backend == "reference":
-        return True, ""
-    if d > ISTA_MAX_D:
-        return False, f"the fused kernels support d <= {ISTA_MAX_D}, got d = {d}"
-    if backend == "triton" and big_d > 4096:
-        return False, f"the triton kernels hold a token row on chip and support D <= 4096, got D = {big_d}"
-    if backend == "cuda":
-        if big_d > 4096:
-            return False, f"the cuda kernels give each of at most 1024 threads 4 columns: D <= 4096, got D = {big_d}"
-        smem = _cuda_smem_bytes(mode, d, big_d)
-        if smem > _CUDA_MAX_SMEM:
-            return False, f"the cuda kernels hold phi{' and Q' if mode == 2 else ''} in shared memory: d = {d}, D = {big_d} needs {smem} bytes, more than {_CUDA_MAX_SMEM}"
-    return True, ""
-
-
-def _choose_backend(requested, device, dtype, mode, n, d, big_d):
-    """The backend to run: `requested`, or for "auto" the first in the auto order that can run this shape."""
-    if min(n, d, big_d) == 0:
-        return "reference"  # empty problems: nothing for a kernel to do, the reference returns the right shapes
-    if requested == "auto":
-        for backend in _AUTO_ORDER.get(device.type, ("reference",)):
-            if _step_fwd.status(backend, device.type, dtype)[0] and _shape_support(backend, mode, d, big_d)[0]:
-                return backend
-        return "reference"
-    ok, reason = _shape_support(requested, mode, d, big_d)
-    if not ok:
-        raise BackendUnavailable(f"ista_step: backend {requested!r} is not available: {reason}")
-    return requested
-
-
-def _prepare(t):
-    """Rows may have any row stride; elements within a row must be unit-stride (else copied once)."""
-    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
-
-
-def _run_fwd(backend, mode, src, u, y, phi, w):
-    n, big_d, d = y.shape[0], phi.shape[1], phi.shape[0]
-    chosen = _choose_backend(backend, y.device, y.dtype, mode, n, d, big_d)
-    if chosen != "reference":
-        src = src.contiguous() if mode == 2 else _prepare(src)
-        u = _prepare(u) if u is not None else None
-        y, phi = _prepare(y), phi.contiguous()
-    return _step_fwd(chosen, y.device, y.dtype, mode, src, u, y, phi, w)
-
-
-def _run_bwd(backend, mode, grad, src, u, y, phi, w):
-    n, big_d, d = y.shape[0], phi.shape[1], phi.shape[0]
-    grad = grad.to(y.dtype)
-    chosen = _choose_backend(backend, y.device, y.dtype, mode, n, d, big_d)
-    if chosen != "reference":
-        src = src.contiguous() if mode == 2 else _prepare(src)
-        u = _prepare(u) if u is not None else None
-        grad, y, phi = _prepare(grad), _prepare(y), phi.contiguous()
-    return _step_bwd(chosen, y.device, y.dtype, mode, grad, src, u, y, phi, w)
-
-
-# ------------------------------------------------------------------ ista_step: the registered op
-@torch.library.custom_op("leanvae::ista_step", mutates_args=())
-def _ista_step_op(r: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
-    _check_ista_step(r, y, phi, w)
-    return _run_fwd(backend, 0, r, None, y, phi, w)
-
-
-@_ista_step_op.register_fake
-def _(r, y, phi, w, backend):
-    _check_ista_step(r, y, phi, w)
-    return r.new_empty(r.shape)
-
-
-@torch.library.custom_op("leanvae::ista_step_backward", mutates_args=())
-def _ista_step_backward_op(
-    grad: torch.Tensor, r: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    gr, gy, gphi, gw = _run_bwd(backend, 0, grad, r, None, y, phi, w)
-    return gr, gy.to(y.dtype), gphi, gw
-
-
-@_ista_step_backward_op.register_fake
-def _(grad, r, y, phi, w, backend):
-    return r.new_empty(r.shape), y.new_empty(y.shape), phi.new_empty(phi.shape), w.new_empty(w.shape)
-
-
-def _step_setup(ctx, inputs, output):
-    r, y, phi, w, backend = inputs
-    ctx.save_for_backward(r, y, phi, w)
-    ctx.backend = backend
-
-
-def _step_backward(ctx, grad):
-    r, y, phi, w = ctx.saved_tensors
-    gr, gy, gphi, gw = torch.ops.leanvae.ista_step_backward(grad, r, y, phi, w, ctx.backend)
-    return gr, gy, gphi, gw, None
-
-
-_ista_step_op.register_autograd(_step_backward, setup_context=_step_setup)
-
-
-def ista_step(r, y, phi, w, *, backend=None):
-    """One ISTA gradient step `r - w * ((r @ phi.T - y) @ phi)`, fused per token.
-
-    r: (N, D), y: (N, d), phi: (d, D) (same dtype as r), w: one element. Returns (N, D), dtype of r.
-    """
-    _check_ista_step(r, y, phi, w)
-    return torch.ops.leanvae.ista_step(r, y, phi, w, resolve(backend))
-
-
-# --------------------------------------------------------- ista_residual_step: residual add + step
-@torch.library.custom_op("leanvae::ista_residual_step", mutates_args=())
-def _ista_residual_step_op(
-    r: torch.Tensor, u: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str
-) -> torch.Tensor:
-    _check_ista_residual_step(r, u, y, phi, w)
-    return _run_fwd(backend, 1, r, u, y, phi, w)
-
-
-@_ista_residual_step_op.register_fake
-def _(r, u, y, phi, w, backend):
-    _check_ista_residual_step(r, u, y, phi, w)
-    return r.new_empty(r.shape)
-
-
-@torch.library.custom_op("leanvae::ista_residual_step_backward", mutates_args=())
-def _ista_residual_step_backward_op(
-    grad: torch.Tensor, r: torch.Tensor, u: torch.Tensor, y: torch.Tensor, phi: torch.Tensor, w: torch.Tensor,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (grad_x, grad_y, grad_phi, grad_w); grad_x is the gradient of both r and u."""
-    gx, gy, gphi, gw = _run_bwd(backend, 1, grad, r, u, y, phi, w)
-    return gx, gy.to(y.dtype), gphi, gw
-
-
-@_ista_residual_step_backward_op.register_fake
-def _(grad, r, u, y, phi, w, backend):
-    return r.new_empty(r.shape), y.new_empty(y.shape), phi.new_empty(phi.shape), w.new_empty(w.shape)
-
-
-def _residual_setup(ctx, inputs, output):
-    r, u, y, phi, w, backend = inputs
-    ctx.save_for_backward(r, u, y, phi, w)
-    ctx.backend = backend
-
-
-def _residual_backward(ctx, grad):
-    r, u, y, phi, w = ctx.saved_tensors
-    gx, gy, gphi, gw = torch.ops.leanvae.ista_residual_step_backward(grad, r, u, y, phi, w, ctx.backend)
-    return gx, gx.to(u.dtype), gy, gphi, gw, None
-
-
-_ista_residual_step_op.register_autograd(_residual_backward, setup_context=_residual_setup)
-
-
-def ista_residual_step(r, u, y, phi, w, *, backend=None):
-    """The residual add and the next ISTA step in one pass: `ista_step(r + u, y, phi, w)`.
-
-    r, u: (N, D) (the model's `recon_r` and NAF output), y: (N, d), phi: (d, D), all of one dtype;
-    w: one element. `r + u` is rounded to the dtype before the step, as the unfused model stores it.
-    """
-    _check_ista_residual_step(r, u, y, phi, w)
-    return torch.ops.leanvae.ista_residual_step(r, u, y, phi, w, resolve(backend))
-
-
-# -------------------------------------------------------------- ista_init_step: y @ Q.T + step
-@torch.library.custom_op("leanvae::ista_init_step", mutates_args=())
-def _ista_init_step_op(y: torch.Tensor, Q: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str) -> torch.Tensor:
-    _check_ista_init_step(y, Q, phi, w)
-    return _run_fwd(backend, 2, Q, None, y, phi, w)
-
-
-@_ista_init_step_op.register_fake
-def _(y, Q, phi, w, backend):
-    _check_ista_init_step(y, Q, phi, w)
-    return y.new_empty((y.shape[0], phi.shape[1]))
-
-
-@torch.library.custom_op("leanvae::ista_init_step_backward", mutates_args=())
-def _ista_init_step_backward_op(
-    grad: torch.Tensor, y: torch.Tensor, Q: torch.Tensor, phi: torch.Tensor, w: torch.Tensor, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (grad_y, grad_Q, grad_phi, grad_w)."""
-    gx, gy, gphi, gw = _run_bwd(backend, 2, grad, Q, None, y, phi, w)
-    # x = y @ Q.T: its gradient reaches y and Q through two thin GEMMs over the (N, D) grad_x, with float32
-    # results, so that each gradient is rounded once.
-    gy = (gy + _mm_acc(gx, Q.to(gx.dtype))).to(y.dtype)
-    gq = _mm_acc(gx.t(), y.to(gx.dtype)).to(Q.dtype)
-    return gy, gq, gphi, gw
 
 
 def _mm_acc(a, b):
@@ -563,24 +382,146 @@ def _mm_acc(a, b):
         return torch.mm(a.to(acc), b.to(acc))
 
 
-@_ista_init_step_backward_op.register_fake
-def _(grad, y, Q, phi, w, backend):
-    return y.new_empty(y.shape), Q.new_empty(Q.shape), phi.new_empty(phi.shape), w.new_empty(w.shape)
+def _prepare(t):
+    """Rows may have any row stride; elements within a row must be unit-stride (else copied once)."""
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
 
 
-def _init_setup(ctx, inputs, output):
-    y, Q, phi, w, backend = inputs
-    ctx.save_for_backward(y, Q, phi, w)
-    ctx.backend = backend
+def _is_empty(y, phi):
+    return min(y.shape[0], phi.shape[0], phi.shape[1]) == 0
 
 
-def _init_backward(ctx, grad):
-    y, Q, phi, w = ctx.saved_tensors
-    gy, gq, gphi, gw = torch.ops.leanvae.ista_init_step_backward(grad, y, Q, phi, w, ctx.backend)
-    return gy, gq, gphi, gw, None
+def _run_fwd(backend, mode, src, u, y, phi, w):
+    if _is_empty(y, phi):
+        backend = "reference"  # nothing for a kernel to do: the reference returns the right shapes
+    elif backend != "reference":
+        src = src.contiguous() if mode == 2 else _prepare(src)
+        u = _prepare(u) if u is not None else None
+        y, phi = _prepare(y), phi.contiguous()
+    # w as one element of any rank: the kernels read one value (native shape descriptions hold <= 8 dims).
+    return _step_fwd(backend, y.device, y.dtype, mode, src, u, y, phi, w.reshape(1))
 
 
-_ista_init_step_op.register_autograd(_init_backward, setup_context=_init_setup)
+def _nonfinite_on_host(w):
+    # Read without a device synchronisation only where w lives on the host (the cpu backend, Triton's
+    # interpreter); a GPU backward keeps its own association (see `ista_step`).
+    return w.device.type == "cpu" and not bool(torch.isfinite(w).all())
+
+
+def _run_bwd(backend, mode, grad, src, u, y, phi, w):
+    grad = grad.to(y.dtype)
+    if _is_empty(y, phi) or _nonfinite_on_host(w):
+        # Empty: nothing to launch. A non-finite w: the kernels apply w after the (g @ phi^T) product,
+        # autograd applies it to g first (w * g, then the products: NaN for inf * 0 and for mixed signs),
+        # so the reference's NaN/Inf pattern needs the reference's order.
+        backend = "reference"
+    elif backend != "reference":
+        src = src.contiguous() if mode == 2 else _prepare(src)
+        u = _prepare(u) if u is not None else None
+        grad, y, phi = _prepare(grad), _prepare(y), phi.contiguous()
+    gx, gy, gphi, gw = _step_bwd(backend, y.device, y.dtype, mode, grad, src, u, y, phi, w.reshape(1))
+    return gx, gy, gphi, gw.reshape(w.shape)
+
+
+def _step_fake(rows_like, phi):
+    return rows_like.new_empty((rows_like.shape[0], phi.shape[1]))
+
+
+def _step_grads_fake(grad, first, second, phi, w):
+    return first.new_empty(first.shape), second.new_empty(second.shape), phi.new_empty(phi.shape), w.new_empty(w.shape)
+
+
+# ------------------------------------------------------------------ ista_step: the registered op
+def _ista_step_backward_impl(grad, r, y, phi, w, backend):
+    gr, gy, gphi, gw = _run_bwd(backend, 0, grad, r, None, y, phi, w)
+    return gr, gy.to(y.dtype), gphi, gw
+
+
+_ista_step = define_op(
+    "ista_step", "(Tensor r, Tensor y, Tensor phi, Tensor w, str backend) -> Tensor",
+    impl=lambda r, y, phi, w, backend: _run_fwd(backend, 0, r, None, y, phi, w),
+    fake=lambda r, y, phi, w, backend: r.new_empty(r.shape),
+    check=_check_ista_step,
+    backward=Backward(
+        "(Tensor grad, Tensor r, Tensor y, Tensor phi, Tensor w, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+        impl=_ista_step_backward_impl,
+        fake=lambda grad, r, y, phi, w, backend: _step_grads_fake(grad, r, y, phi, w),
+        rule=lambda bwd, inputs, grad: bwd(grad, *inputs),
+    ),
+)
+
+
+def ista_step(r, y, phi, w, *, backend=None):
+    """One ISTA gradient step `r - w * ((r @ phi.T - y) @ phi)`, fused per token.
+
+    r: (N, D), y: (N, d), phi: (d, D) (same dtype as r), w: one element (any rank). Returns (N, D), dtype
+    of r. A non-finite w gives the reference's NaN/Inf pattern forward, and backward where w is on the
+    CPU; a GPU backward applies w after its sums, so there a non-finite w may give +-Inf where the
+    reference gives NaN (both non-finite).
+    """
+    return _ista_step(r, y, phi, w, backend=backend)
+
+
+# --------------------------------------------------------- ista_residual_step: residual add + step
+def _ista_residual_step_backward_impl(grad, r, u, y, phi, w, backend):
+    """Returns (grad_x, grad_y, grad_phi, grad_w); grad_x is the gradient of both r and u."""
+    gx, gy, gphi, gw = _run_bwd(backend, 1, grad, r, u, y, phi, w)
+    return gx, gy.to(y.dtype), gphi, gw
+
+
+def _residual_rule(bwd, inputs, grad):
+    r, u, y, phi, w, backend = inputs
+    gx, gy, gphi, gw = bwd(grad, *inputs)
+    return gx, gx.to(u.dtype), gy, gphi, gw
+
+
+_ista_residual_step = define_op(
+    "ista_residual_step", "(Tensor r, Tensor u, Tensor y, Tensor phi, Tensor w, str backend) -> Tensor",
+    impl=lambda r, u, y, phi, w, backend: _run_fwd(backend, 1, r, u, y, phi, w),
+    fake=lambda r, u, y, phi, w, backend: r.new_empty(r.shape),
+    check=_check_ista_residual_step,
+    backward=Backward(
+        "(Tensor grad, Tensor r, Tensor u, Tensor y, Tensor phi, Tensor w, str backend) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
+        impl=_ista_residual_step_backward_impl,
+        fake=lambda grad, r, u, y, phi, w, backend: _step_grads_fake(grad, r, y, phi, w),
+        rule=_residual_rule,
+    ),
+)
+
+
+def ista_residual_step(r, u, y, phi, w, *, backend=None):
+    """The residual add and the next ISTA step in one pass: `ista_step(r + u, y, phi, w)`.
+
+    r, u: (N, D) (the model's `recon_r` and NAF output), y: (N, d), phi: (d, D), all of one dtype;
+    w: one element. `r + u` is rounded to the dtype before the step, as the unfused model stores it.
+    """
+    return _ista_residual_step(r, u, y, phi, w, backend=backend)
+
+
+# -------------------------------------------------------------- ista_init_step: y @ Q.T + step
+def _ista_init_step_backward_impl(grad, y, Q, phi, w, backend):
+    """Returns (grad_y, grad_Q, grad_phi, grad_w)."""
+    gx, gy, gphi, gw = _run_bwd(backend, 2, grad, Q, None, y, phi, w)
+    # x = y @ Q.T: its gradient reaches y and Q through two thin GEMMs over the (N, D) grad_x, with float32
+    # results, so that each gradient is rounded once.
+    gy = (gy + _mm_acc(gx, Q.to(gx.dtype))).to(y.dtype)
+    gq = _mm_acc(gx.t(), y.to(gx.dtype)).to(Q.dtype)
+    return gy, gq, gphi, gw
+
+
+_ista_init_step = define_op(
+    "ista_init_step", "(Tensor y, Tensor Q, Tensor phi, Tensor w, str backend) -> Tensor",
+    impl=lambda y, Q, phi, w, backend: _run_fwd(backend, 2, Q, None, y, phi, w),
+    fake=lambda y, Q, phi, w, backend: _step_fake(y, phi),
+    check=_check_ista_init_step,
+    backward=Backward(
+        "(Tensor grad, Tensor y, Tensor Q, Tensor phi, Tensor w, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+        impl=_ista_init_step_backward_impl,
+        fake=lambda grad, y, Q, phi, w, backend: _step_grads_fake(grad, y, Q, phi, w),
+        rule=lambda bwd, inputs, grad: bwd(grad, *inputs),
+    ),
+)
 
 
 def ista_init_step(y, Q, phi, w, *, backend=None):
@@ -589,5 +530,4 @@ def ista_init_step(y, Q, phi, w, *, backend=None):
     y: (N, d), Q: (D, d), phi: (d, D), all of one dtype; w: one element. Returns (N, D). `y @ Q.T` is
     rounded to the dtype before the step, as the unfused model stores it; it never goes through memory.
     """
-    _check_ista_init_step(y, Q, phi, w)
-    return torch.ops.leanvae.ista_init_step(y, Q, phi, w, resolve(backend))
+    return _ista_init_step(y, Q, phi, w, backend=backend)
