@@ -153,9 +153,9 @@ def _prepare_dir(out, meta, overwrite, n_shards):
 
 
 def _load_model(checkpoint, device, dtype, fused, tile_or_whole):
-    from .model import LeanVAE
+    from .loading import load_model
 
-    model = LeanVAE.load_from_checkpoint(checkpoint, device="cpu").eval()
+    model = load_model(checkpoint, device="cpu")
     model = model.to(device=device, dtype=dtype)
     if fused:
         import leanvae
@@ -252,8 +252,9 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(videos_per_shard, int) or videos_per_shard < 1:
         raise ValueError(f"videos_per_shard must be a positive int, got {videos_per_shard!r}")
-    if not os.path.isfile(checkpoint):
-        raise ValueError(f"checkpoint not found: {checkpoint}")
+    from .loading import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a file, a folder, a Hub file or a short name -> a local file
     try:  # once, here: every video of the run (and every DataLoader worker) decodes with the same reader
         reader = video_reader(reader)
     except VideoError as exc:
@@ -488,8 +489,9 @@ def decode_dataset(out, videos_dir, checkpoint=None, limit=None, device=None, fu
     if checkpoint is None:
         with open(os.path.join(out, "meta.json")) as f:
             checkpoint = json.load(f)["checkpoint"]
-    if not os.path.isfile(checkpoint):
-        raise ValueError(f"checkpoint not found: {checkpoint} (pass --checkpoint)")
+    from .loading import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)  # a file, a folder, a Hub file or a short name -> a local file
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _load_model(checkpoint, dev, torch.float32, fused, False)
     os.makedirs(videos_dir, exist_ok=True)

@@ -157,7 +157,7 @@ def resolve_checkpoint(name_or_path, *, revision=None, cache_dir=None, local_fil
     if hub is not None and not (not text.startswith("hf://") and os.path.isdir(text.split("/")[0])):
         return _hub_download(text, hub[0], hub[1], revision, cache_dir, local_files_only)
     raise CheckpointError(
-        f"checkpoint {text!r} not found: it is not a local file or folder, a Hub file owner/repo/file.ckpt, "
+        f"checkpoint not found: {text!r} is not a local file or folder, a Hub file owner/repo/file.ckpt, "
         f"or a short name ({_short_names_text()})"
     )
 
@@ -226,7 +226,7 @@ def read_checkpoint(path):
         raise CheckpointError(f"checkpoint file not found: {path}") from None
     except Exception as exc:  # unpickling, zip or format errors: torch's own text runs to many lines
         raise CheckpointError(
-            f"cannot read {path} as a torch checkpoint ({exc.__class__.__name__}); expected a file written by "
+            f"{path} is not a readable torch checkpoint ({exc.__class__.__name__}); expected a file written by "
             "torch.save({'args': ..., 'state_dict': ...}) such as the published LeanVAE-dim4.ckpt"
         ) from None
     if not isinstance(checkpoint, Mapping) or "args" not in checkpoint:

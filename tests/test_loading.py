@@ -165,7 +165,7 @@ def test_mismatched_keys_summarised_in_one_line_and_not_strict_loads_what_fits(t
 def test_unreadable_and_foreign_files_are_one_line_errors(tmp_path):
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="cannot read") as info:
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint") as info:
         load_model(str(junk))
     _one_line(info.value)
     foreign = tmp_path / "foreign.pt"
