@@ -279,14 +279,15 @@ def model_from_checkpoint(path, *, strict=True, where=None, model_cls=None):
     if state is None:
         if strict:
             raise CheckpointError(f"{where} has 'args' but no 'state_dict': it holds no weights; pass a trained "
-                                  "checkpoint (or strict=False to get a randomly initialised model)")
+                                  "checkpoint (in Python, strict=False gives a randomly initialised model)")
         warnings.warn(f"{where} has no 'state_dict': the model keeps its random initial weights", stacklevel=3)
         return model
     problem = state_dict_mismatch(model, state)
     if problem:
         summary = f"{where} does not fit LeanVAE(latent_dim={model.args.latent_dim}): {problem}"
         if strict:
-            raise CheckpointError(summary + "; pass strict=False to load only the tensors that fit")
+            raise CheckpointError(summary + "; pass the checkpoint made for this model (in Python, strict=False "
+                                  "loads only the tensors that fit)")
         warnings.warn(summary + "; loaded only the tensors that fit (strict=False)", stacklevel=3)
         own = model.state_dict()
         state = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
