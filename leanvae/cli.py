@@ -218,6 +218,8 @@ def cmd_reconstruct(args):
         return fail(f"input and output are the same file ({args.input}); choose another output path")
     if args.frames is not None and (args.frames < 1 or args.frames % 4 != 1):
         return fail(f"--frames must be 1+4k (1, 5, 9, 17, ...), got {args.frames}")
+    if args.chunk_frames < 5 or args.chunk_frames % 4 != 1:
+        return fail(f"--chunk-frames must be 1+4k with k >= 1 (5, 9, 13, ...), got {args.chunk_frames}")
     try:
         device = parse_device(args.device, "--device")
     except ValueError as exc:
@@ -260,7 +262,7 @@ def cmd_reconstruct(args):
             held = []  # input frames (uint8) whose reconstruction has not come out yet: at most a few chunks
             sq_err, n_out = 0.0, 0
             bar = _progress(t if t is not None else count or None, args.quiet)
-            rec = StreamingReconstruction(model)
+            rec = StreamingReconstruction(model, chunk_frames=args.chunk_frames)
             try:
                 with VideoSink(args.output, src.fps, h, w) as sink:
                     def emit(chunks):
@@ -307,7 +309,7 @@ def cmd_reconstruct(args):
     quality = float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
     print(f"{args.input}: {n_out} frames {h}x{w} -> {args.output}; PSNR {quality:.2f} dB; "
           f"encode+decode {seconds:.2f} s on {device} ({args.dtype}{', fused' if args.fused else ''}, streamed "
-          f"in chunks of {model.chunksize_enc} frames)")
+          f"in chunks of {args.chunk_frames} frames)")
     return 0
 
 
@@ -442,6 +444,8 @@ def build_parser():
     r.add_argument("--tile", action="store_true", help="with --parallel: temporal tiled inference (without "
                    "--parallel the video always streams through the model's chunks)")
     r.add_argument("--frames", type=int, default=None, help="frames to use, 1+4k (default: as many as fit)")
+    r.add_argument("--chunk-frames", type=int, default=5, help="frames encoded and decoded at a time, 1+4k "
+                   "(default 5; peak memory grows with it, not with the video's length)")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     r.add_argument("--parallel", action="store_true", help="under torchrun: split each frame's rows across the ranks "

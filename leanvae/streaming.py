@@ -32,18 +32,28 @@ def _set_first_chunk(roots, first):
 class StreamingReconstruction:
     """Encode then decode a video fed in pieces of any length; returns reconstructed pieces as they complete.
 
+    `chunk_frames`: frames per encoder chunk, 1+4k (the first chunk; later ones have one frame less, as in
+    the model's tiling), with decoder chunks of the matching 1+(chunk_frames-1)/4 latent frames; None: the
+    model's `chunksize_enc` and `chunksize_dec`. Peak memory grows with it; the result changes only by
+    float rounding (the tiled and untiled model agree to about 1e-7 relative).
+
     `feed(x)`: x (B, 3, n, H, W) on the model's device and dtype, any n >= 0; returns a list of decoded
     chunks (B, 3, m, H, W) in order. `finish()`: runs what is left (the frames after the last whole chunk,
     cut to 4k, or 1+4k if no chunk ran yet; `dropped` says how many were cut) and returns the last chunks.
     The model's tile-inference switch is on while streaming and restored by `finish()` (or `close()`).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, chunk_frames=None):
         self.model = model
-        # validates the chunk sizes (ValueError naming them) before any work
-        model._build_chunk_index(T=1, mtype="enc")
-        model._build_chunk_index(T=1, mtype="dec")
-        self.chunk_enc, self.chunk_dec = model.chunksize_enc, model.chunksize_dec
+        if chunk_frames is None:  # the model's own chunk sizes (validated here, ValueError naming them)
+            model._build_chunk_index(T=1, mtype="enc")
+            model._build_chunk_index(T=1, mtype="dec")
+            self.chunk_enc, self.chunk_dec = model.chunksize_enc, model.chunksize_dec
+        else:
+            if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 5 or chunk_frames % 4 != 1:
+                raise ValueError(f"chunk_frames must be 1+4k frames with k >= 1 (5, 9, 13, ...), got {chunk_frames!r}")
+            # the decoder's chunk holds the latent frames of one encoder chunk: output comes in the same sizes
+            self.chunk_enc, self.chunk_dec = chunk_frames, 1 + (chunk_frames - 1) // 4
         self._encode_side = (model.dwt, model.encoder)
         self._decode_side = (model.latent_bottleneck, model.decoder, model.idwt)
         self._was_tiled = bool(model.tile_inference)

@@ -128,6 +128,7 @@ def test_reconstruct_bad_input(files, tmp_path, monkeypatch, capsys):
         ([clip, out, "--checkpoint", ckpt, "--frames", "6"], ["--frames must be 1+4k"]),
         ([clip, out, "--checkpoint", ckpt, "--frames", "0"], ["--frames must be 1+4k"]),
         ([clip, out, "--checkpoint", ckpt, "--frames", "13"], ["has 9 frames, fewer than --frames 13"]),
+        ([clip, out, "--checkpoint", ckpt, "--chunk-frames", "8"], ["--chunk-frames must be 1+4k"]),
         ([clip, out, "--checkpoint", ckpt, "--device", "bogus"], ["--device", "is not a device"]),
         ([clip, out, "--checkpoint", ckpt, "--device", "cuda:99"], ["--device", "cuda:99"]),
         ([clip, out, "--checkpoint", ckpt, "--dtype", "int8"], ["--dtype"]),

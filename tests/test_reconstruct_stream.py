@@ -62,6 +62,20 @@ def test_streamed_equals_whole_clip_with_fused_kernels(model):
     assert rel_err(y, whole) < 1e-5
 
 
+@pytest.mark.parametrize("chunk_frames", [5, 13])
+def test_streamed_with_other_chunk_sizes_equals_whole_clip(model, chunk_frames):
+    x = torch.rand(1, 3, 29, 16, 16) - 0.5
+    with torch.no_grad():
+        whole = model.inference(x)[1]
+    rec = StreamingReconstruction(model, chunk_frames=chunk_frames)
+    out = [o for i in range(29) for o in rec.feed(x[:, :, i:i + 1])] + rec.finish()
+    assert [o.shape[2] for o in out][0] == chunk_frames and max(o.shape[2] for o in out) == chunk_frames
+    assert rel_err(torch.cat(out, dim=2), whole) < 1e-5
+    for bad in (4, 6, 1, "5"):
+        with pytest.raises(ValueError, match="chunk_frames must be 1\\+4k"):
+            StreamingReconstruction(model, chunk_frames=bad)
+
+
 def test_chunk_sizes_stay_fixed_as_the_clip_grows(model):
     """Peak memory proxy: the frames held at once (input, latent, output) do not depend on the clip's length."""
     def peaks(frames):
@@ -132,7 +146,7 @@ def test_cli_streams_writes_as_it_goes_and_matches_the_whole_clip(files, model, 
     assert captured.err.index("cropped to 16x24") < captured.err.index("frame/s")
     assert "using the first 21 of the 23 frames" in captured.err
     assert "21 frames 16x24" in captured.out and "PSNR" in captured.out
-    assert [len(w) for w in written] == [17, 4]  # written chunk by chunk, as decoded
+    assert [len(w) for w in written] == [5, 4, 4, 4, 4]  # written chunk by chunk (--chunk-frames 5), as decoded
     frames, _ = read_video(files[23], 21)
     with torch.no_grad():
         whole = to_frames(model.inference(to_model_input(frames[:, :16, :24]))[1])
