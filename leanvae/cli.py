@@ -47,13 +47,13 @@ def cmd_info(args):
         out.append(f"  {dev}: {_triton.status(dev)[1]}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     out.append("ops (backends usable now, by device; 'auto' takes the first):")
-    for op in _backend.ALL_OPS:
-        if op.name.endswith("_backward"):
-            continue
+    ops = [op for op in _backend.ALL_OPS if not op.name.endswith("_backward")]
+    width = max((len(op.name) for op in ops), default=0)  # one column for every name, however long
+    for op in ops:
         for dev in devices:
             order = [b for b in ("cuda", "triton", "cpu", "reference") if op.status(b, dev)[0]]
             missing = [f"{b}: {op.status(b, dev)[1]}" for b in ("cuda", "triton", "cpu") if b in op.impls and not op.status(b, dev)[0]]
-            line = f"  {op.name:<18} {dev:<5} {', '.join(order)}"
+            line = f"  {op.name:<{width}}  {dev:<5} {', '.join(order)}"
             if args.verbose and missing:
                 line += "   [" + "; ".join(missing) + "]"
             out.append(line)

@@ -147,3 +147,12 @@ def test_reconstruct_bad_input(files, tmp_path, monkeypatch, capsys):
     for argv, needles in cases:
         assert_one_line_error(["reconstruct"] + argv, capsys, *needles)
     assert not os.path.exists(out) and [p.name for p in tmp_path.iterdir()] == []  # nothing written, not even a partial file
+
+
+def test_info_op_table_columns_are_aligned(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = out[out.index(next(line for line in out if line.startswith("ops ("))) + 1:]
+    assert rows
+    starts = {line.index(" cpu ") if " cpu " in line else line.index(" cuda ") for line in rows}
+    assert len(starts) == 1, rows  # the device column starts at the same place on every row
