@@ -6,12 +6,24 @@
 Neither includes torch headers: the Python side passes data pointers, shapes and strides, so the
 build needs only a C++ compiler, pybind11 and ninja (plus nvcc for the CUDA part), never torch.
 
+By default the build is portable: one module runs on any CPU of the target architecture. On x86-64 every
+CPU kernel source is compiled once per SIMD path of CPU_PATHS (baseline x86-64, AVX2+FMA, AVX-512) and
+the module runs, per kernel, the best path the CPU it is loaded on supports (chosen at load time with
+__builtin_cpu_supports; everything outside the kernels is compiled for the baseline). Elsewhere (aarch64:
+NEON is part of the baseline) the kernels are compiled once for the compiler's default target.
+
+Each module records the instruction-set extensions it needs (REQUIRED_ISA, also readable from the file
+without importing it); the loader refuses a module that needs a feature the CPU lacks instead of letting
+it die with SIGILL.
+
 Environment switches:
     LEANVAE_KERNELS_BUILD_CUDA   "1" require the CUDA module, "0" skip it, unset: build it if nvcc is found
     LEANVAE_KERNELS_CUDA_ARCH    target list, TORCH_CUDA_ARCH_LIST style ("9.0+PTX", "8.0;9.0a"); falls back
                                  to TORCH_CUDA_ARCH_LIST, default "9.0+PTX" (Hopper plus PTX for newer GPUs)
-    LEANVAE_KERNELS_CPU_ARCH     value for -march (default "native": the package is built where it runs);
-                                 "" leaves the compiler default
+    LEANVAE_KERNELS_CPU_ARCH     unset or "portable": the portable build above (default); any other value is
+                                 passed to -march (e.g. "native": this machine's CPU only, one path, the
+                                 module is refused on a CPU that lacks one of its features); "" builds one
+                                 path with the compiler's default target
     LEANVAE_KERNELS_BUILD_JOBS   parallel compile jobs (default: CPU count)
     CUDA_HOME                    CUDA toolkit root (default: the parent of nvcc's bin/)
 """
@@ -29,6 +41,65 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
+
+
+# SIMD paths of the portable x86-64 build, lowest first: (name, extra -m flags). Each name in a path's
+# flags is also the feature's __builtin_cpu_supports name (csrc/common/registry.cpp knows these), every
+# path's features include the previous path's, and the objects are linked lowest path first: where the
+# linker merges an inline function that several paths emit (a libstdc++ template), it keeps the copy of the
+# lowest path that has it, which every path that calls it can run.
+X86_BASELINE = ["-march=x86-64", "-mtune=generic"]
+CPU_PATHS = [
+    ("x86-64", []),
+    ("avx2", ["avx2", "fma"]),
+    ("avx512", ["avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"]),
+]
+
+# Predefined macros of instruction-set extensions the compiler may use -> the feature's name in Linux's
+# /proc/cpuinfo ("flags" on x86, "Features" on arm64), where the loader looks for it.
+ISA_MACROS = {
+    "__MMX__": "mmx", "__SSE__": "sse", "__SSE2__": "sse2", "__SSE3__": "pni", "__SSSE3__": "ssse3",
+    "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2", "__SSE4A__": "sse4a", "__POPCNT__": "popcnt",
+    "__LZCNT__": "abm", "__MOVBE__": "movbe", "__BMI__": "bmi1", "__BMI2__": "bmi2", "__ADX__": "adx",
+    "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__FMA4__": "fma4", "__XOP__": "xop", "__F16C__": "f16c",
+    "__AES__": "aes", "__PCLMUL__": "pclmulqdq", "__SHA__": "sha_ni", "__GFNI__": "gfni", "__VAES__": "vaes",
+    "__VPCLMULQDQ__": "vpclmulqdq", "__RDRND__": "rdrand", "__RDSEED__": "rdseed",
+    "__AVX512F__": "avx512f", "__AVX512CD__": "avx512cd", "__AVX512BW__": "avx512bw", "__AVX512DQ__": "avx512dq",
+    "__AVX512VL__": "avx512vl", "__AVX512IFMA__": "avx512ifma", "__AVX512VBMI__": "avx512vbmi",
+    "__AVX512VBMI2__": "avx512_vbmi2", "__AVX512VNNI__": "avx512_vnni", "__AVX512BITALG__": "avx512_bitalg",
+    "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq", "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16",
+    "__AVXVNNI__": "avx_vnni", "__AMX_TILE__": "amx_tile",
+    "__ARM_FEATURE_SVE": "sve", "__ARM_FEATURE_SVE2": "sve2", "__ARM_FEATURE_DOTPROD": "asimddp",
+    "__ARM_FEATURE_FP16_VECTOR_ARITHMETIC": "asimdhp", "__ARM_FEATURE_MATMUL_INT8": "i8mm",
+    "__ARM_FEATURE_BF16_VECTOR_ARITHMETIC": "bf16", "__ARM_FEATURE_ATOMICS": "atomics",
+}
+
+
+def compiler_macros(cxx, flags):
+    """The macros `cxx` predefines with `flags` (names only)."""
+    out = subprocess.run([cxx, *flags, "-dM", "-E", "-x", "c++", os.devnull], check=True, capture_output=True,
+                         text=True).stdout
+    return {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+
+
+def cpu_build_plan(cxx, arch):
+    """For LEANVAE_KERNELS_CPU_ARCH=`arch` (None: unset): (base flags of every object, SIMD paths as
+    [(name, extra flags)], a description, the required-ISA record "<march>:<cpuinfo features>")."""
+    x86 = "__x86_64__" in compiler_macros(cxx, [])
+    if arch in (None, "portable"):
+        if x86:
+            base = list(X86_BASELINE)
+            paths = [(name, [f"-m{f}" for f in feats]) for name, feats in CPU_PATHS]
+            label = "portable " + "|".join(name for name, _ in CPU_PATHS)
+        else:
+            base, paths, label = [], [("baseline", [])], "portable"
+        march = "x86-64" if x86 else "default"
+    else:
+        base = [f"-march={arch}"] if arch else []
+        label = march = arch or "default"
+        paths = [(march, [])]
+    features = sorted({ISA_MACROS[m] for m in compiler_macros(cxx, base) if m in ISA_MACROS})
+    return base, paths, label, f"{march}:{','.join(features)}"
 
 
 def _rel(paths):
@@ -120,17 +191,20 @@ class BuildNative(build_ext):
         os.makedirs(tmp, exist_ok=True)
         os.makedirs(os.path.dirname(target), exist_ok=True)
 
-        march = os.environ.get("LEANVAE_KERNELS_CPU_ARCH", "native")
-        info = [f"cxx={os.path.basename(cxx)}", f"march={march or 'default'}"]
-        defines = [f"-DLEANVAE_MODULE_NAME={module_name}", f'-DLEANVAE_SOURCE_HASH="{source_hash()}"']
+        base_flags, paths, cpu_label, required_isa = cpu_build_plan(cxx, os.environ.get("LEANVAE_KERNELS_CPU_ARCH"))
+        if ext.cuda:
+            paths = paths[:1]  # only host code: everything runs on the baseline
+        info = [f"cxx={os.path.basename(cxx)}", f"cpu={cpu_label if not ext.cuda else required_isa.split(':')[0]}"]
+        path_list = ";".join(f"{name}:{','.join(f[2:] for f in flags)}" for name, flags in paths)
+        defines = [f"-DLEANVAE_MODULE_NAME={module_name}", f'-DLEANVAE_SOURCE_HASH="{source_hash()}"',
+                   f'-DLEANVAE_REQUIRED_ISA="{required_isa}"', f'-DLEANVAE_CPU_PATHS="{path_list}"']
         includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}"]
-        cflags = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
-        if march:
-            cflags.append(f"-march={march}")
+        cflags = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas",
+                  "-Wno-psabi"] + base_flags  # psabi: vector-return ABI notes; per-path helpers are internal
         ldflags = ["-shared"]
         rules = [
             "rule cxx",
-            "  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out",
+            "  command = $cxx -MMD -MF $out.d $cflags $pathflags -c $in -o $out",
             "  depfile = $out.d",
             "  deps = gcc",
             "  description = CXX $in",
@@ -146,6 +220,8 @@ class BuildNative(build_ext):
             info += [f"cuda={cuda_home}", f"archs={arch}"]
             nvflags = ["-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-ccbin", cxx,
                        "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden"] + gencode + includes
+            for flag in base_flags:  # host code for the same CPUs as the rest of the module
+                nvflags += ["-Xcompiler", flag]
             includes.append(f"-I{os.path.join(cuda_home, 'include')}")
             rules += [
                 "rule nvcc",
@@ -168,18 +244,30 @@ class BuildNative(build_ext):
 
         build_info = ";".join(info)
         defines.append(f'-DLEANVAE_BUILD_INFO="{build_info}"')
+        kernel_sources = []
         for src in ext.sources:
             src = os.path.join(ROOT, src)
+            if not ext.cuda and os.path.relpath(src, CSRC).startswith("cpu" + os.sep):
+                kernel_sources.append(src)  # compiled once per SIMD path, below
+                continue
             obj = os.path.join(tmp, os.path.relpath(src, CSRC).replace(os.sep, "_") + ".o")
             objects.append(obj)
             rule = "nvcc" if src.endswith(".cu") else "cxx"
             builds.append(f"build {obj}: {rule} {src}")
+        # Lowest path first (see CPU_PATHS): link order decides which copy of a merged inline function stays.
+        for index, (name, flags) in enumerate(paths):
+            ident = "".join(c if c.isalnum() else "_" for c in name)
+            pathflags = flags + [f"-DLEANVAE_CPU_PATH_INDEX={index}", f"-DLEANVAE_CPU_PATH_NS=path_{ident}"]
+            for src in kernel_sources:
+                obj = os.path.join(tmp, os.path.relpath(src, CSRC).replace(os.sep, "_") + f".{ident}.o")
+                objects.append(obj)
+                builds.append(f"build {obj}: cxx {src}\n  pathflags = {_q(pathflags)}")
         builds.append(f"build {target}: link {' '.join(objects)}")
         rules += ["rule link", "  command = $cxx $in $ldflags -o $out", "  description = LINK $out"]
 
         # builddir: ninja keeps its .ninja_log/.ninja_deps there, not in the source tree.
         variables = [f"builddir = {tmp}", f"cxx = {cxx}", f"cflags = {_q(cflags + defines + includes)}",
-                     f"ldflags = {_q(ldflags)}"]
+                     "pathflags =", f"ldflags = {_q(ldflags)}"]
         if ext.cuda:
             variables += [f"nvcc = {nvcc}", f"nvflags = {_q(nvflags + defines)}"]
         ninja_file = os.path.join(tmp, "build.ninja")
@@ -212,4 +300,7 @@ def extensions():
     return exts
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildNative})
+# pip (setuptools.build_meta) and `python setup.py` both run this file as __main__; tests import it for
+# cpu_build_plan without building anything.
+if __name__ == "__main__":
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildNative})

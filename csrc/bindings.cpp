@@ -16,12 +16,21 @@
 #ifndef LEANVAE_BUILD_INFO
 #define LEANVAE_BUILD_INFO ""
 #endif
+#ifndef LEANVAE_REQUIRED_ISA
+#define LEANVAE_REQUIRED_ISA "unknown:"
+#endif
 
 namespace py = pybind11;
 using namespace leanvae;
 
 // Bumped whenever the Python <-> native calling convention changes; _native.py checks it.
 static constexpr int kApiVersion = 1;
+
+// What the CPU must have for any code of this module to run: "<-march value>:<feature>,<feature>,..."
+// (features as Linux names them in /proc/cpuinfo). The loader must know it BEFORE importing the module
+// (a module built with -march=native may run wide instructions in its static initialisers), so it is
+// also stored as a marked string that leanvae_kernels/_native.py finds by reading the file's bytes.
+__attribute__((used)) static const char kRequiredIsaRecord[] = "leanvae-required-isa=" LEANVAE_REQUIRED_ISA;
 
 using PyTensor = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
 
@@ -56,6 +65,7 @@ PYBIND11_MODULE(LEANVAE_MODULE_NAME, m) {
   m.attr("API_VERSION") = kApiVersion;
   m.attr("SOURCE_HASH") = LEANVAE_SOURCE_HASH;
   m.attr("BUILD_INFO") = LEANVAE_BUILD_INFO;
+  m.attr("REQUIRED_ISA") = kRequiredIsaRecord + sizeof("leanvae-required-isa=") - 1;
   m.def("kernels", &kernel_names, "Names of the kernels in this module.");
   m.def(
       "call",
@@ -83,5 +93,30 @@ PYBIND11_MODULE(LEANVAE_MODULE_NAME, m) {
       py::arg("num_threads"));
 #ifdef LEANVAE_WITH_CUDA
   m.def("cuda_runtime_info", &cuda_runtime_info, "CUDA runtime version and visible devices, as text.");
+#else
+  m.def(
+      "cpu_paths",
+      [] {
+        std::vector<std::tuple<std::string, std::vector<std::string>, bool>> out;
+        for (const auto& p : cpu_paths()) out.emplace_back(p.name, p.features, p.supported);
+        return out;
+      },
+      "SIMD paths of the CPU kernels, lowest first: (name, CPU features it needs, supported here).");
+  m.def("cpu_path", [] { return cpu_paths()[cpu_path()].name; }, "The SIMD path the CPU kernels run.");
+  m.def(
+      "set_cpu_path",
+      [](const std::string& name) {
+        const auto list = cpu_paths();
+        const std::string previous = list[cpu_path()].name;
+        for (size_t i = 0; i < list.size(); ++i)
+          if (list[i].name == name) {
+            set_cpu_path(static_cast<int>(i));
+            return previous;
+          }
+        throw std::invalid_argument("set_cpu_path: no SIMD path named '" + name + "' in this module");
+      },
+      py::arg("name"),
+      "Runs the CPU kernels on SIMD path `name` from now on, in every thread (for tests and benchmarks); "
+      "returns the previous path's name.");
 #endif
 }

@@ -1,4 +1,4 @@
-"""Command line: `python -m leanvae {info,bench,reconstruct,encode,decode}`."""
+"""Command line: `python -m leanvae {info,bench,reconstruct,encode,decode,verify}`."""
 import argparse
 import os
 import platform
@@ -218,6 +218,8 @@ def cmd_reconstruct(args):
         return fail(f"input and output are the same file ({args.input}); choose another output path")
     if args.frames is not None and (args.frames < 1 or args.frames % 4 != 1):
         return fail(f"--frames must be 1+4k (1, 5, 9, 17, ...), got {args.frames}")
+    if args.tile_size and args.parallel:
+        return fail("--tile-size cannot be combined with --parallel; use one of them")
     if args.chunk_frames < 5 or args.chunk_frames % 4 != 1:
         return fail(f"--chunk-frames must be 1+4k with k >= 1 (5, 9, 13, ...), got {args.chunk_frames}")
     try:
@@ -243,6 +245,11 @@ def cmd_reconstruct(args):
         except CheckpointError as exc:
             return fail(str(exc))
         model = model.to(dtype=dtype)
+        if args.tile_size:
+            try:
+                model.enable_tiling(*args.tile_size)
+            except (ValueError, TypeError) as exc:
+                return fail(f"--tile-size {args.tile_size[0]}x{args.tile_size[1]}: {exc}")
         # Stated before any work: what of the input the output will not contain.
         if (h, w) != (full_h, full_w):
             note(f"frames of {full_h}x{full_w} (HxW) are cropped to {h}x{w}, the model's multiples of 8: "
@@ -256,8 +263,8 @@ def cmd_reconstruct(args):
 
             handle = use_fused_kernels(model)
         try:
-            if args.parallel:
-                return _reconstruct_parallel(args, model, src, t, h, w, device, dtype, fail)
+            if args.parallel or args.tile_size:
+                return _reconstruct_whole(args, model, src, t, h, w, device, dtype, fail)
             start = time.perf_counter()
             held = []  # input frames (uint8) whose reconstruction has not come out yet: at most a few chunks
             sq_err, n_out = 0.0, 0
@@ -313,15 +320,15 @@ def cmd_reconstruct(args):
     return 0
 
 
-def _reconstruct_parallel(args, model, src, t, h, w, device, dtype, fail):
-    """Under torchrun: each rank encodes and decodes its band of rows of the whole clip; rank 0 writes it."""
+def _reconstruct_whole(args, model, src, t, h, w, device, dtype, fail):
+    """The whole clip at once: under torchrun (--parallel) each rank encodes and decodes its band of rows and
+    rank 0 writes the clip; with --tile-size the model's spatial tiling runs on it."""
     import itertools
     import time
 
     import numpy as np
     import torch
 
-    from . import parallel
     from .video import VideoError, psnr, to_frames, to_model_input, write_video
 
     frames = np.stack([f[:h, :w] for f in itertools.islice(iter(src), t)])
@@ -331,16 +338,21 @@ def _reconstruct_parallel(args, model, src, t, h, w, device, dtype, fail):
         model.set_tile_inference(True)
     x = to_model_input(frames).to(device=device, dtype=dtype)
     start = time.perf_counter()
-    parallel.init_from_env(device)
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
     xin = x if t > 1 else x[:, :, 0]
-    with torch.no_grad():
-        zb = parallel.encode(model, parallel.split_clip(xin, rank, world), fused=args.fused)
-        rec = parallel.gather_bands(parallel.decode(model, zb, is_image=t == 1, fused=args.fused), dim=-2)
-    if rank != 0:
-        return 0
+    if args.parallel:
+        from . import parallel
+
+        parallel.init_from_env(device)
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        with torch.no_grad():
+            zb = parallel.encode(model, parallel.split_clip(xin, rank, world), fused=args.fused)
+            rec = parallel.gather_bands(parallel.decode(model, zb, is_image=t == 1, fused=args.fused), dim=-2)
+        if rank != 0:
+            return 0
+    else:  # --tile-size: the model's exact spatial tiling, on the whole clip
+        _, rec = model.inference(xin)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -353,7 +365,8 @@ def _reconstruct_parallel(args, model, src, t, h, w, device, dtype, fail):
         return fail(str(exc))
     print(f"{args.input}: {t} frames {h}x{w} -> {args.output}; PSNR {psnr(frames, out_frames):.2f} dB; "
           f"encode+decode {seconds:.2f} s on {device} ({args.dtype}{', fused' if args.fused else ''}"
-          f"{', tiled' if args.tile else ''}, parallel)")
+          f"{', tiled' if args.tile else ''}{', tile-size %dx%d' % args.tile_size if args.tile_size else ''}"
+          f"{', parallel' if args.parallel else ''})")
     return 0
 
 
@@ -365,7 +378,7 @@ def cmd_encode(args):
             args.inputs, args.out, args.checkpoint, frames=args.frames, stride=args.stride,
             max_clips_per_video=args.max_clips_per_video, whole=args.whole, size=args.size, fps=args.fps,
             dtype=_DTYPES[args.dtype], device=args.device, batch_size=args.batch_size, fused=args.fused,
-            tile=args.tile, videos_per_shard=args.videos_per_shard, workers=args.workers,
+            tile=args.tile, tile_size=args.tile_size, videos_per_shard=args.videos_per_shard, workers=args.workers,
             overwrite=args.overwrite, quiet=args.quiet)
     except (ValueError, EncodeError) as exc:
         print(f"leanvae encode: {exc}", file=sys.stderr)
@@ -395,6 +408,30 @@ def cmd_decode(args):
         return 2
     if not args.quiet:
         print(f"wrote {len(paths)} videos to {args.out}")
+    return 0
+
+
+def cmd_verify(args):
+    from .shards import verify_dataset
+
+    try:
+        rep = verify_dataset(args.dir, checksum=args.checksum)
+    except ValueError as exc:
+        print(f"leanvae verify: {exc}", file=sys.stderr)
+        return 2
+    for note in rep["notes"]:
+        print(f"note: {note}")
+    n = rep["bytes"]
+    size = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+    what = (f"{rep['shards']} shard(s) ({size}{', SHA-256 checked' if args.checksum else ', sizes only'}), "
+            f"{rep['clips']} clip(s), {rep['errors']} skipped input(s)")
+    if rep["problems"]:
+        for p in rep["problems"]:
+            print(f"DAMAGED: {p}")
+        print(f"{args.dir}: {len(rep['problems'])} problem(s); intact: {what}. Rerun the encode command to "
+              f"re-encode damaged shards and rewrite the index")
+        return 1
+    print(f"{args.dir}: OK: {what}")
     return 0
 
 
@@ -441,8 +478,11 @@ def build_parser():
     r.add_argument("output", help="output video (.mp4)")
     r.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     r.add_argument("--fused", action="store_true", help="run with the fused kernels")
-    r.add_argument("--tile", action="store_true", help="with --parallel: temporal tiled inference (without "
-                   "--parallel the video always streams through the model's chunks)")
+    r.add_argument("--tile", action="store_true", help="with --parallel or --tile-size: temporal tiled inference "
+                   "(otherwise the video always streams through the model's chunks)")
+    r.add_argument("--tile-size", type=_size, default=None, metavar="HxW", help="exact spatial tiling: frames in "
+                   "tiles of at most HxW pixels (multiples of 8), each with a halo of the receptive field "
+                   "(reads the whole clip into memory: no streaming)")
     r.add_argument("--frames", type=int, default=None, help="frames to use, 1+4k (default: as many as fit)")
     r.add_argument("--chunk-frames", type=int, default=5, help="frames encoded and decoded at a time, 1+4k "
                    "(default 5; peak memory grows with it, not with the video's length)")
@@ -470,6 +510,8 @@ def build_parser():
     e.add_argument("--batch-size", type=int, default=1, help="clips per model call (clips of one video)")
     e.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused kernels (default on)")
     e.add_argument("--tile", action="store_true", help="temporal tiled encode (the model's chunk size)")
+    e.add_argument("--tile-size", type=_size, default=None, metavar="HxW", help="exact spatial tiling: frames in "
+                   "tiles of at most HxW pixels (multiples of 8), each with a halo of the receptive field")
     e.add_argument("--videos-per-shard", type=int, default=16)
     e.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding video (0: in process)")
     e.add_argument("--overwrite", action="store_true", help="delete what DIR holds and start over")
@@ -489,6 +531,13 @@ def build_parser():
     d.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_decode)
+
+    v = sub.add_parser("verify", help="check a DIR written by `encode`: shards against shards.jsonl (size, SHA-256, "
+                                      "tensors), index and errors against the shards and meta.json; exit 1 on damage")
+    v.add_argument("dir", help="a DIR written by `leanvae encode`")
+    v.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
+                   help="hash every shard (default; --no-checksum: sizes and headers only)")
+    v.set_defaults(func=cmd_verify)
     return p
 
 

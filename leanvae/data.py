@@ -19,8 +19,13 @@ def _read_manifest(path):
     """Paths from a manifest: one per line, or a CSV with a `path` column. Relative paths are taken
     relative to the manifest's folder."""
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
-        text = f.read()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"manifest {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if path.lower().endswith(".csv"):
         rows = list(csv.DictReader(lines))

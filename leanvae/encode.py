@@ -3,10 +3,16 @@
 Layout of the output DIR:
   meta.json              checkpoint sha256, model config, package version, the options that shape latents
   shard-00000.safetensors ...  latents, one tensor per clip (latent_dim, 1+k, H/8, W/8); the shard's index
-                         lines and errors ride in its safetensors metadata (key "leanvae"), so a shard is complete exactly
-                         when its file exists (written as *.tmp, renamed when complete)
+                         lines and errors ride in its safetensors metadata (key "leanvae"). Written as *.tmp and
+                         renamed when complete, after its description (byte size, SHA-256, tensor table; see
+                         `leanvae.shards`) is written to shard-00000.json
+  shards.jsonl           one description per shard (merged from the shard-*.json files at the end)
   index.jsonl            one line per clip (merged from the shards at the end)
   errors.jsonl           one line per skipped input, with the reason
+  encode.lock            while a run writes the DIR (one writer per DIR; every rank of one torchrun job is one)
+
+A resume keeps a shard only when its size, SHA-256 and tensor table match its description and the
+description is of this run; any other shard is said and encoded again.
 
 Shards are groups of `videos_per_shard` consecutive videos of the sorted input list, independent of the
 number of ranks: rank r of N writes shards r, r+N, ...; so 1 process and N ranks write the same bytes,
@@ -14,20 +20,23 @@ and a rerun (with any N) skips the shards already complete.
 """
 import hashlib
 import json
+import math
 import os
 import sys
 import time
 
 import torch
 
-__all__ = ["encode_dataset", "decode_dataset", "EncodeError"]
+from . import shards as sh
+from .shards import EncodeError
 
-FORMAT_VERSION = 1
+__all__ = ["encode_dataset", "decode_dataset", "EncodeError", "read_index", "load_latent"]
+
+# 2: shards are described (size, SHA-256, tensors) in shard-K.json / shards.jsonl; DIRs of 1 had no descriptions
+FORMAT_VERSION = 2
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class EncodeError(RuntimeError):
-    """A run that cannot go on (mismatched output DIR, disk full, permissions); the message says why."""
+_MAX_FPS = 1000.0  # high-speed cameras record up to about 1000 fps; more is a typo
+_MAX_SIDE = 16384  # pixels: twice 8K; a larger frame does not fit a GPU's memory in this model anyway
 
 
 def _need(module, extra="encode"):
@@ -37,32 +46,15 @@ def _need(module, extra="encode"):
         raise EncodeError(f"`leanvae {extra}` needs the {module} package: pip install {module}") from None
 
 
-def _sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
-def _atomic_write_text(path, text):
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+_sha256 = sh.file_sha256
 
 
 def shard_name(k):
     return f"shard-{k:05d}.safetensors"
+
+
+def _desc_name(k):
+    return f"shard-{k:05d}.json"
 
 
 class _Dist:
@@ -113,56 +105,104 @@ class _Dist:
             self.dist.destroy_process_group()
 
 
-def _prepare_dir(out, meta, overwrite, n_shards):
-    """Rank 0: make DIR, refuse a DIR made with another checkpoint or options, write meta.json.
-    Returns None, or the message of the refusal."""
-    os.makedirs(out, exist_ok=True)
+def _is_ours(name):
+    """Files of an encoded DIR that --overwrite deletes (the lock is not one: it is the run's own)."""
+    return (name.startswith("shard-") or name in ("index.jsonl", "errors.jsonl", "meta.json", sh.SHARDS_INDEX)
+            or name.endswith(".tmp"))
+
+
+def _descriptions(out):
+    """{shard name: description} known in DIR: shards.jsonl's lines, overridden by shard-K.json files (the
+    newer: written by a run after the merge). An unreadable description counts as none."""
+    descs = {}
+    try:
+        for d in sh.read_jsonl(os.path.join(out, sh.SHARDS_INDEX)):
+            if isinstance(d.get("shard"), str):
+                descs[d["shard"]] = d
+    except (OSError, ValueError):
+        pass
+    for name in os.listdir(out):
+        if name.startswith("shard-") and name.endswith(".json"):
+            try:
+                d = sh.read_json_file(os.path.join(out, name))
+            except ValueError:
+                continue
+            if d.get("shard") == name[:-len(".json")] + ".safetensors":
+                descs[d["shard"]] = d
+    return descs
+
+
+def _prepare_dir(out, meta, overwrite, run):
+    """Rank 0, holding the lock: make DIR, refuse a DIR made with another checkpoint or options, write
+    meta.json. Returns None, or the message of the refusal."""
     meta_path = os.path.join(out, "meta.json")
     if overwrite:
         for name in os.listdir(out):
-            if name.startswith("shard-") or name in ("index.jsonl", "errors.jsonl", "meta.json") or name.endswith(".tmp"):
+            if _is_ours(name):
                 os.remove(os.path.join(out, name))
     elif os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
+        try:
+            old = sh.read_json_file(meta_path)
+        except ValueError as exc:
+            # meta.json says what the shards were made with. Each shard's description carries the same as a
+            # fingerprint, so when every shard there is described as this run's, meta.json can be rewritten
+            descs = _descriptions(out)
+            shard_files = [n for n in os.listdir(out) if n.startswith("shard-") and n.endswith(".safetensors")]
+            if any(descs.get(n, {}).get("run") != run for n in shard_files):
+                return (f"{exc}; it records what the shards in {out} were made with and they are not all described "
+                        f"as made by this run: restore meta.json (e.g. from a copy), or use a new --out DIR, or "
+                        f"--overwrite to start over")
+            print(f"leanvae encode: {exc}; rewritten (the {len(shard_files)} shard(s) there are described as made "
+                  f"by this same run)", file=sys.stderr)
+            old = dict(meta)
         # DIRs written before the reader was recorded were decoded with PyAV, the only reader then
-        old.setdefault("options", {}).setdefault("video_reader", "pyav")
-        was, now = old["options"]["video_reader"], meta["options"]["video_reader"]
-        if was != now:
-            return (f"{out} holds latents of videos decoded with the {was!r} video reader, and this run would "
-                    f"decode with {now!r}: the two convert colours differently, so its latents would not match "
-                    f"the shards already there. Resume with the same reader (install it, or set "
-                    f"LEANVAE_VIDEO_READER={was}), or use a new --out DIR, or --overwrite to start over")
+        old.setdefault("options", {})
+        if isinstance(old["options"], dict):
+            old["options"].setdefault("video_reader", "pyav")
+            was, now = old["options"]["video_reader"], meta["options"]["video_reader"]
+            if was != now:
+                return (f"{out} holds latents of videos decoded with the {was!r} video reader, and this run would "
+                        f"decode with {now!r}: the two convert colours differently, so its latents would not match "
+                        f"the shards already there. Resume with the same reader (install it, or set "
+                        f"LEANVAE_VIDEO_READER={was}), or use a new --out DIR, or --overwrite to start over")
         for key in ("format_version", "checkpoint_sha256", "model_config", "options", "inputs_sha256"):
             if old.get(key) != meta.get(key):
                 what = {"checkpoint_sha256": "another checkpoint", "inputs_sha256": "another list of inputs",
                         "model_config": "another model config", "options": "other options"}.get(key, "another format")
                 detail = ""
-                if key == "options":
+                if key == "options" and isinstance(old[key], dict):
                     diff = sorted(k for k in set(old[key]) | set(meta[key]) if old[key].get(k) != meta[key].get(k))
                     detail = "; differing: " + ", ".join(f"{k} was {old[key].get(k)!r}, now {meta[key].get(k)!r}" for k in diff)
+                elif key == "format_version":
+                    detail = f" (format {old.get(key)!r}; this version writes {meta[key]})"
                 return (f"{out} holds latents made with {what}{detail}. Use a new --out DIR, or --overwrite to "
                         f"delete them and start over")
-    elif any(n.startswith("shard-") for n in os.listdir(out)):
+    elif any(n.startswith("shard-") and n.endswith(".safetensors") for n in os.listdir(out)):
         return f"{out} has shard files but no meta.json; use a new --out DIR, or --overwrite to start over"
     for name in os.listdir(out):  # leftovers of an interrupted write never count as complete
         if name.endswith(".tmp"):
             os.remove(os.path.join(out, name))
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    sh.write_file(meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return None
 
 
-def _load_model(checkpoint, device, dtype, fused, tile_or_whole):
-    from .loading import load_model
+def _load_model(checkpoint, device, dtype, fused, tile_or_whole, model=None, tile_size=None):
+    """The model of the checkpoint file `checkpoint` (or `model`, already read from it) ready to encode or
+    decode on `device`. Strict: a checkpoint without weights, or whose tensors do not fit its 'args', is a
+    one-line CheckpointError (a ValueError) from `leanvae.loading`."""
+    from .loading import model_from_checkpoint
 
-    model = load_model(checkpoint, device="cpu")
-    model = model.to(device=device, dtype=dtype)
+    if model is None:
+        model = model_from_checkpoint(checkpoint)
+    model = model.eval().to(device=device, dtype=dtype)
     if fused:
         import leanvae
 
         leanvae.use_fused_kernels(model)
     if tile_or_whole:
         model.set_tile_inference(True)
+    if tile_size:
+        model.enable_tiling(*tile_size)
     return model
 
 
@@ -194,35 +234,35 @@ def _shard_metadata(records, errors):
 
 
 def _read_shard_metadata(path):
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        md = f.metadata() or {}
-    if "leanvae" not in md:
-        raise EncodeError(f"{path} is not a shard written by `leanvae encode` (no 'leanvae' metadata)")
-    md = json.loads(md["leanvae"])
-    return md["index"], md["errors"]
-
-
-def _write_shard(path, tensors, metadata):
-    from safetensors.torch import save_file
-
-    tmp = path + ".tmp"
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise EncodeError(f"cannot write {path}: {exc.strerror or exc} (disk full or no permission?); "
-                          f"the run stopped, completed shards are kept and a rerun resumes") from exc
+        return sh.read_shard_metadata(path)
+    except ValueError as exc:
+        raise EncodeError(str(exc)) from None
+
+
+def _write_shard(path, tensors, metadata, run, videos, n_errors):
+    """Serialise the shard, write its description (shard-K.json), then the shard itself: a shard file
+    exists only once its description does. Both are written atomically; a failure is one line."""
+    from safetensors.torch import save
+
+    name = os.path.basename(path)
+    data = save(tensors, metadata=metadata)  # bytes: our own write, so a full disk is an OSError we can word
+    desc = sh.describe_shard(name, data, tensors, run, videos, n_errors)
+    desc_path = path[:-len(".safetensors")] + ".json"
+    sh.write_file(desc_path, sh.description_line(desc) + "\n")
+    try:
+        sh.write_file(path, data)
+    except EncodeError:
+        try:  # harmless if left (a description without its shard is an unfinished one), but tidier gone
+            os.remove(desc_path)
+        except OSError:
+            pass
+        raise
 
 
 def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips_per_video=None, whole=False,
                    size=None, fps=None, dtype="float32", device=None, batch_size=1, fused=True, tile=False,
-                   videos_per_shard=16, workers=2, overwrite=False, quiet=False, reader=None):
+                   tile_size=None, videos_per_shard=16, workers=2, overwrite=False, quiet=False, reader=None):
     """Encode the videos in `inputs` (files, folders, manifests) to latents in `out` with `checkpoint`.
 
     Run by one process, or by each rank under torchrun. Bad inputs are skipped and listed in
@@ -233,28 +273,40 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
     """
     _need("safetensors")
     from . import __version__
+    from .loading import parse_device, resolve_checkpoint
     from .data import VideoClipDataset, list_videos
     from .video import VideoError, video_reader
 
     # ---- arguments
     if not whole and (not isinstance(frames, int) or frames < 1 or frames % 4 != 1):
         raise ValueError(f"frames must be 1+4k (1, 5, 9, 17, ...), got {frames!r}")
-    for name, v in (("stride", stride), ("max_clips_per_video", max_clips_per_video), ("fps", fps)):
-        if v is not None and not v > 0:
-            raise ValueError(f"{name} must be positive, got {v!r}")
+    for name, v in (("stride", stride), ("max_clips_per_video", max_clips_per_video)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if fps is not None:
+        # a frame rate beyond any camera's would resample every video to a huge, mostly repeated, frame list
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or not 0 < fps <= _MAX_FPS:
+            raise ValueError(f"fps must be a finite number in (0, {_MAX_FPS}], got {fps!r}")
     if size is not None:
         size = tuple(int(v) for v in size)
-        if len(size) != 2 or size[0] <= 0 or size[1] <= 0 or size[0] % 8 or size[1] % 8:
-            raise ValueError(f"size must be (H, W), positive multiples of 8, got {size!r}")
+        if len(size) != 2 or size[0] <= 0 or size[1] <= 0 or size[0] % 8 or size[1] % 8 or max(size) > _MAX_SIDE:
+            raise ValueError(f"size must be (H, W), positive multiples of 8 up to {_MAX_SIDE}, got {size!r}")
+    if tile_size is not None:  # exact spatial tiling (LeanVAE.enable_tiling): (H, W) pixels, multiples of 8
+        tile_size = tuple(tile_size) if isinstance(tile_size, (tuple, list)) else (tile_size,)
+        if len(tile_size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 8 or v % 8
+                                      for v in tile_size):
+            raise ValueError(f"tile_size must be (H, W), multiples of 8 pixels; the smallest allowed is (8, 8), "
+                             f"got {tile_size!r}")
+        if whole:
+            raise ValueError("tile_size cannot be combined with whole (whole-video encoding reads frames chunk "
+                             "by chunk and bypasses LeanVAE.encode)")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(videos_per_shard, int) or videos_per_shard < 1:
         raise ValueError(f"videos_per_shard must be a positive int, got {videos_per_shard!r}")
-    from .loading import resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(checkpoint)  # a file, a folder, a Hub file or a short name -> a local file
+    checkpoint = resolve_checkpoint(checkpoint)  # CheckpointError (ValueError) of one line when not found
     try:  # once, here: every video of the run (and every DataLoader worker) decodes with the same reader
         reader = video_reader(reader)
     except VideoError as exc:
@@ -264,14 +316,11 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
         raise ValueError(f"no videos found in {list(inputs) if not isinstance(inputs, str) else inputs!r} "
                          f"(looked for {', '.join(e for e in __import__('leanvae.data').data.VIDEO_EXTENSIONS)})")
 
-    dev_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev_type == "cuda":  # each rank on its own GPU, set before nccl starts
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = torch.device("cuda", local_rank if device in (None, "cuda") else torch.device(device).index or 0)
+    dev = parse_device(device)  # one-line ValueError for an unknown device or one this machine lacks
+    if dev.type == "cuda":  # each rank on its own GPU (cuda:LOCAL_RANK unless an index is given), before nccl starts
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device or "cpu")
-    dist = _Dist(dev_type)
+    dist = _Dist(dev.type)
     tdtype = _DTYPES[dtype]
     try:
         return _run(videos, out, checkpoint, dist, dev, tdtype, locals(), __version__, VideoClipDataset)
@@ -281,40 +330,98 @@ def encode_dataset(inputs, out, checkpoint, *, frames=17, stride=None, max_clips
 
 def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDataset):
     start_time = time.perf_counter()
-    rank, world = dist.rank, dist.world
+    rank = dist.rank
     options = {k: a[k] for k in ("frames", "stride", "max_clips_per_video", "whole", "size", "fps", "dtype",
                                  "fused", "tile", "videos_per_shard", "reader")}
+    if a["tile_size"]:  # recorded only when set, so DIRs written without it still resume
+        options["tile_size"] = list(a["tile_size"])
     options["video_reader"] = options.pop("reader")
     options["size"] = list(options["size"]) if options["size"] else None
     if options["whole"]:
         options["frames"] = options["stride"] = options["max_clips_per_video"] = None
     n_shards = (len(videos) + a["videos_per_shard"] - 1) // a["videos_per_shard"]
 
-    # ---- rank 0 checks and prepares DIR; every rank learns the verdict
-    msg = None
+    # ---- rank 0 takes the lock (one writer per DIR: the whole torchrun job is that one), checks and prepares
+    # DIR, then every rank learns the verdict and the run's fingerprint
+    msg, run, lock = None, None, None
     model = None
     if rank == 0:
         try:
+            from .loading import CheckpointError, model_from_checkpoint, read_checkpoint
+
             ckpt_hash = _sha256(checkpoint)
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            config = dict(ckpt.get("args", {})) if isinstance(ckpt, dict) else {}
+            config, _ = read_checkpoint(checkpoint)
+            # read (and refused: no weights, tensors that do not fit) before the DIR is touched
+            model = model_from_checkpoint(checkpoint)
             meta = {"format_version": FORMAT_VERSION, "checkpoint": os.path.abspath(checkpoint),
                     "checkpoint_sha256": ckpt_hash, "model_config": json.loads(json.dumps(config, default=str)),
                     "leanvae_version": version, "torch_version": torch.__version__, "options": options,
                     "inputs_sha256": hashlib.sha256("\n".join(videos).encode()).hexdigest(),
                     "num_videos": len(videos), "num_shards": n_shards}
-            msg = _prepare_dir(out, meta, a["overwrite"], n_shards)
+        except CheckpointError as exc:  # already one line, naming the file
+            msg = str(exc)
         except OSError as exc:
-            msg = f"cannot prepare {out}: {exc}"
-        except Exception as exc:  # unreadable checkpoint
-            msg = f"cannot read checkpoint {checkpoint}: {exc.__class__.__name__}: {exc}"
-    msg = dist.broadcast(msg)
+            msg = f"cannot read checkpoint {checkpoint}: {sh.os_reason(exc)}"
+        except Exception as exc:  # anything else the model build raised: said in one line, on every rank
+            msg = f"cannot load checkpoint {checkpoint}: {exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]}"
+        if msg is None:
+            try:
+                os.makedirs(out, exist_ok=True)
+                lock = sh.DirLock(out).acquire()
+                run = sh.run_fingerprint(meta)
+                msg = _prepare_dir(out, meta, a["overwrite"], run)
+            except EncodeError as exc:
+                msg = str(exc)
+            except OSError as exc:
+                msg = f"cannot prepare {out}: {sh.os_reason(exc)}" + (f" ({exc.filename})" if exc.filename else "")
+        if msg and lock is not None:
+            lock.release()
+    msg, run = dist.broadcast((msg, run))
     if msg:
         raise EncodeError(msg)
     try:
-        model = _load_model(checkpoint, dev, tdtype, a["fused"], a["tile"] or a["whole"])
-    except Exception as exc:
-        raise EncodeError(f"cannot load checkpoint {checkpoint}: {exc}") from exc
+        return _run_locked(videos, out, checkpoint, dist, dev, tdtype, a, options, n_shards, run, start_time,
+                           VideoClipDataset, model)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _check_kept_shards(out, ks, run):
+    """This rank's shards `ks` already in DIR: a shard is kept only when it is the one its description
+    describes (size, SHA-256, tensor table) and the description is of this run; any other is said, removed
+    with its description and encoded again. Returns (the shards to keep, how many were removed)."""
+    descs = _descriptions(out)
+    keep, redo = set(), 0
+    for k in ks:
+        path = os.path.join(out, shard_name(k))
+        if not os.path.exists(path):
+            continue
+        try:
+            why = sh.shard_problem(out, shard_name(k), descs.get(shard_name(k)), run)
+        except OSError as exc:
+            raise EncodeError(f"cannot read {path}: {sh.os_reason(exc)}; fix its permissions, or delete it so "
+                              f"that a rerun encodes it again") from None
+        if why is None:
+            keep.add(k)
+            continue
+        redo += 1
+        print(f"leanvae encode: {path}: {why}; encoding it again", file=sys.stderr)
+        for p in (path, os.path.join(out, _desc_name(k))):
+            try:
+                if os.path.exists(p):
+                    os.remove(p)
+            except OSError as exc:
+                raise EncodeError(f"cannot remove the damaged {p}: {sh.os_reason(exc)}; delete it by hand and "
+                                  f"rerun") from None
+    return keep, redo
+
+
+def _run_locked(videos, out, checkpoint, dist, dev, tdtype, a, options, n_shards, run, start_time, VideoClipDataset,
+                model):
+    rank, world = dist.rank, dist.world
+    # rank 0 read the model before preparing DIR; the other ranks read it now that it was found good
+    model = _load_model(checkpoint, dev, tdtype, a["fused"], a["tile"] or a["whole"], model, a["tile_size"])
 
     setup_s = time.perf_counter() - start_time
     start_time = time.perf_counter()  # throughput counts from here: checkpoint hashing and model load excluded
@@ -332,7 +439,9 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     totals = [0.0, 0.0, 0.0, 0.0, 0.0]  # videos, clips, frames, failures, skipped (complete) shards
     # one DataLoader over the videos of all this rank's incomplete shards, in order: its workers decode
     # ahead across shard boundaries, so the device does not wait for frames at the start of each shard
-    todo = [k for k in range(rank, n_shards, world) if not os.path.exists(os.path.join(out, shard_name(k)))]
+    mine = list(range(rank, n_shards, world))
+    kept, n_redo = _check_kept_shards(out, mine, run)
+    todo = [k for k in mine if k not in kept]
     workers = min(a["workers"], len(todo) * vps)
     # tensors cross from the workers through shared memory (/dev/shm); where it is small (containers often
     # give 64 MB) they would fail there, so numpy arrays, pickled through the pipe, are sent instead
@@ -347,11 +456,11 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
         if k < n_shards:
             path = os.path.join(out, shard_name(k))
             shard_videos = list(range(k * vps, min((k + 1) * vps, len(videos))))
-            if os.path.exists(path):
+            if k in kept:
                 records, errors = _read_shard_metadata(path)
                 counts = [len(shard_videos), len(records), sum(rec["frames"] for rec in records), len(errors), 1]
             else:
-                counts = _encode_shard(model, items, shard_videos, path, a, dev, tdtype)
+                counts = _encode_shard(model, items, shard_videos, path, a, dev, tdtype, run)
         g = dist.sum(counts)
         totals = [t + c for t, c in zip(totals, g)]
         if bar is not None:
@@ -362,23 +471,33 @@ def _run(videos, out, checkpoint, dist, dev, tdtype, a, version, VideoClipDatase
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - start_time
-    busy = dist.sum([_ENCODE_SECONDS[0] / max(wall, 1e-9)])[0] / world
+    busy, n_redo = dist.sum([_ENCODE_SECONDS[0] / max(wall, 1e-9), n_redo])
+    busy /= world
 
-    # ---- rank 0 merges the index and the errors of all shards, in input order
+    # ---- rank 0 merges the index, the errors and the descriptions of all shards, in input order; then the
+    # per-shard descriptions go (shards.jsonl holds them; a resume prefers a shard-K.json left by a later run)
     summary = None
     if rank == 0:
-        index, errors = [], []
+        index, errors, descs = [], [], []
+        known = _descriptions(out)
         for k in range(n_shards):
             recs, errs = _read_shard_metadata(os.path.join(out, shard_name(k)))
             index += recs
             errors += errs
-        try:
-            _atomic_write_text(os.path.join(out, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
-            _atomic_write_text(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
-        except OSError as exc:
-            raise EncodeError(f"cannot write the index in {out}: {exc}") from exc
+            descs.append(known[shard_name(k)])  # every shard was kept (described) or written with one
+        sh.write_file(os.path.join(out, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in index))
+        sh.write_file(os.path.join(out, "errors.jsonl"), "".join(json.dumps(e) + "\n" for e in errors))
+        sh.write_file(os.path.join(out, sh.SHARDS_INDEX), "".join(sh.description_line(d) + "\n" for d in descs))
+        for k in range(n_shards):
+            try:
+                os.remove(os.path.join(out, _desc_name(k)))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise EncodeError(f"cannot remove {os.path.join(out, _desc_name(k))}: {sh.os_reason(exc)}") from None
         summary = {"device_busy_fraction": busy, "videos": len(videos), "clips": len(index), "frames": sum(r["frames"] for r in index),
                    "failures": len(errors), "shards": n_shards, "resumed_shards": int(totals[4]),
+                   "reencoded_shards": int(n_redo),
                    "ranks": world, "setup_s": setup_s, "wall_s": wall, "reader": a["reader"], "workers": workers,
                    "clips_per_s": totals[1] / wall, "frames_per_s": totals[2] / wall}
     return dist.broadcast(summary)
@@ -422,7 +541,7 @@ def _identity(item):
     return item
 
 
-def _encode_shard(model, items, shard_videos, path, a, dev, tdtype):
+def _encode_shard(model, items, shard_videos, path, a, dev, tdtype, run):
     """Encode the next len(shard_videos) videos from the loader iterator `items` (videos
     `shard_videos`, indices into the input list) into the shard file `path`.
     Returns [videos, clips, frames, failures, 0]."""
@@ -453,7 +572,8 @@ def _encode_shard(model, items, shard_videos, path, a, dev, tdtype):
                             "source_size": info["source_size"], "latent_shape": list(zc.shape),
                             "latent_dtype": str(zc.dtype).replace("torch.", ""),
                             "shard": os.path.basename(path), "key": key})
-    _write_shard(path, tensors, _shard_metadata(records, errors))
+    _write_shard(path, tensors, _shard_metadata(records, errors), run,
+                 (shard_videos[0], shard_videos[-1] + 1), len(errors))
     return [len(shard_videos), len(records), sum(r["frames"] for r in records), len(errors), 0]
 
 
@@ -462,42 +582,89 @@ def read_index(out):
     path = os.path.join(out, "index.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{out} has no index.jsonl: not an encoded dataset, or its run did not finish")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return sh.read_jsonl(path)
 
 
 def load_latent(out, record):
-    """The latent tensor of one index record."""
+    """The latent tensor of one index record (unchecked: `decode_dataset` checks shards before reading)."""
     from safetensors import safe_open
 
     with safe_open(os.path.join(out, record["shard"]), framework="pt") as f:
         return f.get_tensor(record["key"])
 
 
+class _CheckedReader:
+    """Latents of DIR read against what the folder says they are: each shard once against its description
+    (size, SHA-256, tensor table, made by the run meta.json records), each clip's index line against the
+    shard's tensor table and the run's dtype and model config. Errors are one line naming clip and shard."""
+
+    def __init__(self, out, meta):
+        self.out, self.meta = out, meta
+        self.run = sh.run_fingerprint(meta)
+        self.descs = _descriptions(out)
+        self.checked = {}
+        self.dtype = (meta.get("options") or {}).get("dtype")
+        self.latent_dim = (meta.get("model_config") or {}).get("latent_dim", 4)
+
+    def load(self, rec):
+        name, key = rec.get("shard"), rec.get("key")
+        if not isinstance(name, str) or not isinstance(key, str):
+            raise EncodeError(f"{self.out}/index.jsonl: a line without shard/key: {json.dumps(rec)[:120]}")
+        path = os.path.join(self.out, name)
+        if name not in self.checked:
+            try:
+                why = sh.shard_problem(self.out, name, self.descs.get(name), self.run)
+            except OSError as exc:
+                why = f"cannot read it: {sh.os_reason(exc)}"
+            self.checked[name] = why
+        why = self.checked[name]
+        if why:
+            raise EncodeError(f"{path} (clip {key}): {why}; `python -m leanvae verify {self.out}` lists all "
+                              f"damage, and rerunning the encode command re-encodes damaged shards")
+        bad = sh.record_problem(rec, self.descs[name], self.dtype, self.latent_dim)
+        if bad:
+            raise EncodeError(f"clip {key} in {path}: {bad}; the index does not describe this shard "
+                              f"(`python -m leanvae verify {self.out}`)")
+        z = load_latent(self.out, rec)
+        if list(z.shape) != rec["latent_shape"] or str(z.dtype).replace("torch.", "") != rec["latent_dtype"]:
+            raise EncodeError(f"clip {key} in {path}: read {z.dtype} {list(z.shape)}, the index says "
+                              f"{rec['latent_dtype']} {rec['latent_shape']}")
+        return z
+
+
 @torch.no_grad()
 def decode_dataset(out, videos_dir, checkpoint=None, limit=None, device=None, fused=True, quiet=False):
     """Decode stored latents of DIR `out` back to mp4 files in `videos_dir` (one per clip, named by key).
-    Returns the list of written paths."""
+    Every latent is checked before it is decoded (see `_CheckedReader`). Returns the list of written paths."""
     _need("safetensors", "decode")
+    from .loading import parse_device, resolve_checkpoint
     from .video import to_frames, write_video
 
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be an int >= 0, got {limit!r}")
     records = read_index(out)
     if limit is not None:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
         records = records[:limit]
+    meta = sh.read_json_file(os.path.join(out, "meta.json"))  # every encoded DIR has one: it says what to expect
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EncodeError(f"{out}/meta.json: format_version {meta.get('format_version')!r}, this version reads "
+                          f"{FORMAT_VERSION}: re-encode the folder with this version")
     if checkpoint is None:
-        with open(os.path.join(out, "meta.json")) as f:
-            checkpoint = json.load(f)["checkpoint"]
-    from .loading import resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(checkpoint)  # a file, a folder, a Hub file or a short name -> a local file
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        checkpoint = meta.get("checkpoint")
+        if not isinstance(checkpoint, str):
+            raise ValueError(f"{out}/meta.json records no checkpoint path: pass --checkpoint")
+    dev = parse_device(device)
+    checkpoint = resolve_checkpoint(checkpoint)
+    if _sha256(checkpoint) != meta.get("checkpoint_sha256"):
+        raise ValueError(f"{checkpoint} is not the checkpoint these latents were made with (its SHA-256 differs from "
+                         f"the one in {out}/meta.json): decoding with it would give wrong videos; pass the checkpoint "
+                         f"of the encode run with --checkpoint")
+    reader = _CheckedReader(out, meta)
     model = _load_model(checkpoint, dev, torch.float32, fused, False)
     os.makedirs(videos_dir, exist_ok=True)
     written = []
     for rec in records:
-        z = load_latent(out, rec).to(dev, torch.float32).unsqueeze(0)
+        z = reader.load(rec).to(dev, torch.float32).unsqueeze(0)
         x = model.decode(z)
         path = os.path.join(videos_dir, rec["key"] + ".mp4")
         write_video(path, to_frames(x), rec["fps"])

@@ -103,6 +103,36 @@ class LeanVAE(nn.Module):
             start_end.append((i, min(i + chunksize - 1, T)))
         return start_end
 
+    # ------------------------------------------------------- spatial tiling
+    # Class-level defaults, so the constructor and checkpoints are unaffected (names as in diffusers).
+    use_tiling = False
+    tile_sample_min_height = 256
+    tile_sample_min_width = 256
+    _tiling_inner = False  # True while leanvae.tiling runs the tiles' own (untiled) calls
+
+    def enable_tiling(self, tile_sample_min_height=None, tile_sample_min_width=None):
+        """Encode and decode frames in spatial tiles of at most this many pixels (multiples of 8; None keeps
+        the current value, 256 by default), each computed with a halo as wide as the network's receptive
+        field: the same result as untiled up to float rounding, in memory set by the tile and the temporal
+        chunk size (a video longer than one chunk runs each tile through the temporal chunking, see
+        `set_tile_inference`). Bad sizes: ValueError/TypeError naming the argument. See leanvae/tiling.py.
+        """
+        from .tiling import check_tile_size, receptive_field
+
+        scale = receptive_field(self).scale
+        h = self.tile_sample_min_height if tile_sample_min_height is None else tile_sample_min_height
+        w = self.tile_sample_min_width if tile_sample_min_width is None else tile_sample_min_width
+        self.tile_sample_min_height = check_tile_size("tile_sample_min_height", h, scale)
+        self.tile_sample_min_width = check_tile_size("tile_sample_min_width", w, scale)
+        self.use_tiling = True
+
+    def disable_tiling(self):
+        """Encode and decode whole frames again (the default)."""
+        self.use_tiling = False
+
+    def _tiled(self):
+        return self.use_tiling and not self._tiling_inner
+
     # ------------------------------------------------------------ validation
     def _check_input(self, x, what):
         if not isinstance(x, torch.Tensor):
@@ -146,6 +176,10 @@ class LeanVAE(nn.Module):
     def encode(self, x):
         """x: (B, 3, 1+4k, H, W) or (B, 3, H, W) -> z: (B, latent_dim, 1+k, H/8, W/8)."""
         self._check_input(x, "encode")
+        if self._tiled():
+            from .tiling import tiled_encode
+
+            return tiled_encode(self, x, (self.tile_sample_min_height, self.tile_sample_min_width))
         if x.ndim == 4:
             x = x.unsqueeze(2)
             self.set_tile_inference(False)  # as published: encoding an image switches tiling off
@@ -166,6 +200,10 @@ class LeanVAE(nn.Module):
         self._check_latent(z, "decode")
         if is_image and z.shape[2] != 1:
             raise ValueError(f"LeanVAE.decode: is_image=True needs one latent frame, got T={z.shape[2]}")
+        if self._tiled():
+            from .tiling import tiled_decode
+
+            return tiled_decode(self, z, (self.tile_sample_min_height, self.tile_sample_min_width), is_image)
         z = z.permute(0, 2, 3, 4, 1)
         if is_image:
             self.set_tile_inference(False)  # as published

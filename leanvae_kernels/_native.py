@@ -8,6 +8,7 @@ are present, as in an editable install) or when its calling convention differs f
 import functools
 import hashlib
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -35,12 +36,62 @@ def source_hash():
     return h.hexdigest()[:16]
 
 
+_ISA_MARK = b"leanvae-required-isa="  # must match csrc/bindings.cpp: kRequiredIsaRecord
+
+
+def cpu_features():
+    """The running CPU's instruction-set features as Linux names them in /proc/cpuinfo ("flags" on x86,
+    "Features" on arm64), or None where they cannot be read (another OS: then no module is refused)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def required_isa(path):
+    """(march, [features]) recorded in the native module file `path`, or None if it records nothing."""
+    with open(path, "rb") as f:
+        data = f.read()
+    start = data.find(_ISA_MARK)
+    if start < 0:
+        return None
+    start += len(_ISA_MARK)
+    march, _, features = data[start:data.find(b"\0", start)].decode("ascii", "replace").partition(":")
+    return march, [f for f in features.split(",") if f]
+
+
+def isa_refusal(name):
+    """Why module `name` must not be loaded on this CPU (it was built for features the CPU lacks), or None.
+    Decided from the file, before any of its code runs: a module built with -march=native may execute
+    wide instructions in its static initialisers, which would kill the process with SIGILL."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None  # not built: the import reports it
+    record, have = required_isa(spec.origin), cpu_features()
+    if record is None or have is None:
+        return None
+    march, needed = record
+    missing = [f for f in needed if f not in have]
+    if not missing:
+        return None
+    return (f"{name} was built for -march={march} and needs CPU features this CPU lacks ({', '.join(missing)}); "
+            "rebuild it here with the default portable build: unset LEANVAE_KERNELS_CPU_ARCH, `pip install -e .`")
+
+
 @functools.lru_cache(maxsize=None)
 def module(backend):
     """(module, reason) for "cpu" or "cuda"; module is None when it cannot be used."""
     if os.environ.get("LEANVAE_KERNELS_DISABLE_NATIVE", "") == "1":
         return None, "disabled by LEANVAE_KERNELS_DISABLE_NATIVE=1"
     name = _MODULES[backend]
+    refusal = isa_refusal(name)
+    if refusal is not None:
+        return None, refusal
     try:
         mod = importlib.import_module(name)
     except ImportError as exc:
@@ -59,11 +110,18 @@ def module(backend):
 
 def build_info(backend):
     """What was built for `backend`, independent of whether it can run here: (built, text)."""
+    refusal = isa_refusal(_MODULES[backend])
+    if refusal is not None:
+        return True, refusal
     try:
         mod = importlib.import_module(_MODULES[backend])
     except ImportError as exc:
         return False, str(exc)
     text = mod.BUILD_INFO
+    if hasattr(mod, "REQUIRED_ISA"):
+        text += f"; requires {mod.REQUIRED_ISA}"
+    if hasattr(mod, "cpu_path"):
+        text += f"; SIMD path {mod.cpu_path()} (of {', '.join(p[0] for p in mod.cpu_paths())})"
     if backend == "cuda":
         text += "; " + mod.cuda_runtime_info()
     return True, f"{text}; {len(mod.kernels())} kernels"

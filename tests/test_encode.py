@@ -103,7 +103,7 @@ def test_single_run_output_layout(dataset, single):
     out, summary = single
     # 5 videos, 2 per shard -> 3 shards; a.mp4 gives 4 clips of 5 frames, b.mp4 2
     assert _files(out) == ["errors.jsonl", "index.jsonl", "shard-00000.safetensors", "shard-00001.safetensors",
-                           "shard-00002.safetensors"]
+                           "shard-00002.safetensors", "shards.jsonl"]
     index = _index(out)
     assert [(r["path"], r["first_frame"]) for r in index] == (
         [(dataset["good"][0], s) for s in (0, 5, 10, 15)] + [(dataset["good"][1], s) for s in (0, 5)])
@@ -175,7 +175,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(dataset, single, monkeypa
     monkeypatch.setattr(enc, "_encode_shard", interrupt_after_first)
     with pytest.raises(KeyboardInterrupt):
         enc.encode_dataset([dataset["videos"]], out, dataset["ckpt"], **OPTS)
-    assert sorted(os.listdir(out)) == ["meta.json", "shard-00000.safetensors", "shard-00001.safetensors.tmp"]
+    # shard 0 complete (with its description), shard 1 only a temporary file; the lock was released
+    assert sorted(os.listdir(out)) == ["meta.json", "shard-00000.json", "shard-00000.safetensors",
+                                       "shard-00001.safetensors.tmp"]
     monkeypatch.setattr(enc, "_encode_shard", real)
     summary = enc.encode_dataset([dataset["videos"]], out, dataset["ckpt"], **OPTS)
     assert summary["resumed_shards"] == 1
@@ -200,7 +202,7 @@ def test_rerun_with_other_options_or_checkpoint_refuses(dataset, single, tmp_pat
     # --overwrite starts over with the new checkpoint
     summary = enc.encode_dataset([dataset["good"][1]], out, other, **{**OPTS, "overwrite": True})
     assert summary["clips"] == 2 and summary["resumed_shards"] == 0
-    assert _files(out) == ["errors.jsonl", "index.jsonl", "shard-00000.safetensors"]
+    assert _files(out) == ["errors.jsonl", "index.jsonl", "shard-00000.safetensors", "shards.jsonl"]
 
 
 def test_reader_is_recorded_and_a_dir_resumes_only_with_the_same_reader(dataset, single, tmp_path, monkeypatch):
@@ -269,13 +271,32 @@ def test_opencv_reader_encodes_the_same_dataset(dataset, single, tmp_path):
 
 
 def test_disk_error_stops_cleanly_and_marks_nothing_complete(dataset, tmp_path, monkeypatch, capsys):
-    import safetensors.torch
+    import errno
 
-    def full(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"half a shard")
-        raise OSError(28, "No space left on device")
+    from leanvae import shards
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    class Full:  # a shard's file: half of it goes to disk, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def hooked_open(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        return Full(f) if str(path).endswith(".safetensors.tmp") else f
+
+    monkeypatch.setattr(shards, "open", hooked_open, raising=False)
     out = str(tmp_path / "out")
     code = main(["encode", dataset["good"][1], "--out", out, "--checkpoint", dataset["ckpt"]] + CLI_OPTS)
     assert code == 2
@@ -326,7 +347,8 @@ def test_bad_arguments_are_clear(dataset, tmp_path, capsys):
     with pytest.raises(ValueError, match="size must be"):
         enc.encode_dataset([dataset["videos"]], str(tmp_path / "o"), dataset["ckpt"], size=(30, 40))
     assert main(["encode", dataset["videos"], "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "x.pt")]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    # the message of leanvae.loading, shared with the other commands
+    assert f"checkpoint {str(tmp_path / 'x.pt')!r} not found" in capsys.readouterr().err
     assert main(["decode", str(tmp_path), "--out", str(tmp_path / "v")]) == 2
     assert "no index.jsonl" in capsys.readouterr().err
 

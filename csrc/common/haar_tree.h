@@ -9,6 +9,8 @@
 // a 2x2 block a[ph*2 + pw]; 2-D band 2*bw + bh (W is the major bit in the published 2-D layout).
 #pragma once
 
+#include "cpu_path.h"
+
 #if defined(__CUDACC__)
 #define LEANVAE_HD __host__ __device__ __forceinline__
 #else
@@ -17,6 +19,7 @@
 
 namespace leanvae {
 namespace haar {
+inline namespace LEANVAE_CPU_PATH_NS {  // one copy per SIMD path: see cpu_path.h
 
 // 3-D analysis, stages along T, then H, then W (the published order). low = a + b, high = a - b.
 template <class A>
@@ -107,5 +110,6 @@ LEANVAE_HD A synthesis2_at(const A* band, A sph, A spw) {
   return l + spw * h;
 }
 
+}  // namespace LEANVAE_CPU_PATH_NS
 }  // namespace haar
 }  // namespace leanvae

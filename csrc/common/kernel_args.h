@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu_path.h"
+
 namespace leanvae {
 
 // Must match leanvae_kernels/_native.py: _DTYPE_CODES.
@@ -73,14 +75,29 @@ struct KernelArgs {
 
 using KernelFn = void (*)(const KernelArgs&);
 
-void register_kernel(const char* name, KernelFn fn);
+// `cpu_path`: the SIMD path `fn` was compiled for (see cpu_path.h); 0 for a module built once.
+void register_kernel(const char* name, KernelFn fn, int cpu_path);
+// The kernel for the SIMD path in use: the selected path, or the best lower one the kernel has.
 KernelFn find_kernel(const std::string& name);
 std::vector<std::string> kernel_names();
+
+// SIMD paths of this module (CPU kernels built by the portable build; a single path otherwise).
+struct CpuPath {
+  std::string name;
+  std::vector<std::string> features;  // GCC/Clang __builtin_cpu_supports names, all needed
+  bool supported;                     // by the running CPU
+};
+std::vector<CpuPath> cpu_paths();
+int cpu_path();              // index of the path in use: the best supported one unless set_cpu_path chose
+void set_cpu_path(int index);  // throws std::invalid_argument for an unknown or unsupported path
 
 }  // namespace leanvae
 
 #define LEANVAE_CONCAT_(a, b) a##b
 #define LEANVAE_CONCAT(a, b) LEANVAE_CONCAT_(a, b)
-// Registers `fn` under `name` when the module is loaded.
-#define LEANVAE_REGISTER_KERNEL(name, fn) \
-  static const bool LEANVAE_CONCAT(leanvae_registered_, __LINE__) = (::leanvae::register_kernel(name, fn), true)
+// Registers `fn` under `name` (for this translation unit's SIMD path) when the module is loaded. The
+// initialiser is a plain call with two constant pointers: nothing in it can use the path's instructions,
+// so loading the module on a CPU without them is safe (tests/test_portable_build.py checks the binary).
+#define LEANVAE_REGISTER_KERNEL(name, fn)                              \
+  static const bool LEANVAE_CONCAT(leanvae_registered_, __LINE__) = \
+      (::leanvae::register_kernel(name, fn, LEANVAE_CPU_PATH_INDEX), true)

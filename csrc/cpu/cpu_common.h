@@ -10,6 +10,7 @@
 
 namespace leanvae {
 namespace cpu {
+inline namespace LEANVAE_CPU_PATH_NS {  // one copy per SIMD path: see common/cpu_path.h
 
 // Storage-only 16-bit types: all arithmetic happens in float (or double for float64 inputs).
 struct BFloat16 { uint16_t bits; };
@@ -90,5 +91,6 @@ inline double read_scalar(const TensorView& t) {
   return v;
 }
 
+}  // namespace LEANVAE_CPU_PATH_NS
 }  // namespace cpu
 }  // namespace leanvae

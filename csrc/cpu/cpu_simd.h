@@ -1,11 +1,15 @@
-// 32-byte vectors for the CPU kernels through GCC/Clang vector extensions (AVX registers on x86, pairs
-// of NEON registers on ARM), for loops the auto-vectoriser leaves scalar (selects, fixed-order sums).
+// 32-byte vectors for the CPU kernels through GCC/Clang vector extensions, for loops the auto-vectoriser
+// leaves scalar (selects, fixed-order sums): one ymm register on the AVX2 and AVX-512 paths, a pair of
+// xmm registers on the x86-64 baseline path, a pair of NEON registers on ARM.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
+#include "../common/cpu_path.h"
+
 namespace leanvae {
 namespace cpu {
+inline namespace LEANVAE_CPU_PATH_NS {  // one copy per SIMD path: see common/cpu_path.h
 
 template <class A> struct Vec;
 template <> struct Vec<float> {
@@ -48,5 +52,6 @@ inline A vsum(vec_t<A> v) {
   return lanes[0];
 }
 
+}  // namespace LEANVAE_CPU_PATH_NS
 }  // namespace cpu
 }  // namespace leanvae
