@@ -129,6 +129,8 @@ def test_reconstruct_bad_input(files, tmp_path, monkeypatch, capsys):
         ([clip, out, "--checkpoint", ckpt, "--frames", "0"], ["--frames must be 1+4k"]),
         ([clip, out, "--checkpoint", ckpt, "--frames", "13"], ["has 9 frames, fewer than --frames 13"]),
         ([clip, out, "--checkpoint", ckpt, "--chunk-frames", "8"], ["--chunk-frames must be 1+4k"]),
+        ([clip, out, "--checkpoint", ckpt, "--tile-size", "64x64", "--parallel"], ["--tile-size cannot be combined"]),
+        ([clip, out, "--checkpoint", ckpt, "--tile-size", "12x12"], ["--tile-size 12x12"]),
         ([clip, out, "--checkpoint", ckpt, "--device", "bogus"], ["--device", "is not a device"]),
         ([clip, out, "--checkpoint", ckpt, "--device", "cuda:99"], ["--device", "cuda:99"]),
         ([clip, out, "--checkpoint", ckpt, "--dtype", "int8"], ["--dtype"]),
