@@ -157,7 +157,7 @@ def resolve_checkpoint(name_or_path, *, revision=None, cache_dir=None, local_fil
     if hub is not None and not (not text.startswith("hf://") and os.path.isdir(text.split("/")[0])):
         return _hub_download(text, hub[0], hub[1], revision, cache_dir, local_files_only)
     raise CheckpointError(
-        f"checkpoint not found: {text!r} is not a local file or folder, a Hub file owner/repo/file.ckpt, "
+        f"checkpoint {text!r} not found: it is not a local file or folder, a Hub file owner/repo/file.ckpt, "
         f"or a short name ({_short_names_text()})"
     )
 

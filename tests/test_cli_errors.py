@@ -135,7 +135,7 @@ def test_reconstruct_bad_input(files, tmp_path, monkeypatch, capsys):
         ([clip, out, "--checkpoint", ckpt, "--device", "cuda:99"], ["--device", "cuda:99"]),
         ([clip, out, "--checkpoint", ckpt, "--dtype", "int8"], ["--dtype"]),
         ([clip, out], ["--checkpoint"]),
-        ([clip, out, "--checkpoint", str(tmp_path / "missing.ckpt")], ["checkpoint not found", "leanvae-4ch"]),
+        ([clip, out, "--checkpoint", str(tmp_path / "missing.ckpt")], ["missing.ckpt' not found", "leanvae-4ch"]),
         ([clip, out, "--checkpoint", files["garbage"]], ["not a readable torch checkpoint"]),
         ([clip, out, "--checkpoint", files["foreign"]], ["not a LeanVAE checkpoint"]),
         ([clip, out, "--checkpoint", files["args_only"]], ["no 'state_dict'"]),
