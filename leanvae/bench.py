@@ -138,9 +138,9 @@ def resolve_setup(frames=17, height=None, width=None, batch=1, device=None, dtyp
     """Defaults and validation of the benchmark's arguments: (device, height, width, dtype).
 
     Raises ValueError for arguments the model cannot take."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA device is visible to torch")
+    from .loading import parse_device
+
+    device = parse_device(device)  # ValueError naming the devices that exist
     if height is None or width is None:
         height, width = (1080, 1920) if device.type == "cuda" else (256, 256)
     if dtype is None:
@@ -154,10 +154,31 @@ def resolve_setup(frames=17, height=None, width=None, batch=1, device=None, dtyp
     return device, height, width, dtype
 
 
+def check_counts(repeats, warmup):
+    """ValueError unless `repeats` >= 1 (the median needs a timing) and `warmup` >= 0."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1 (timed rounds), got {repeats!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+
+
+def check_backend(backend, device, dtype):
+    """Raise `BackendUnavailable` (saying why) if `backend` cannot run the fused model on `device`/`dtype`.
+
+    The same check `use_fused_kernels` makes, on a tiny model, so a bad choice fails before the benchmark
+    builds the full one."""
+    from leanvae.fused.patching import use_fused_kernels
+
+    tiny = LeanVAE.from_config(embedding_dim=16, l_dim=8, h_dim=8, sep_num_layer=1, fusion_num_layer=1,
+                               ista_iter_num=1, ista_layer_num=1).to(device=device, dtype=dtype)
+    use_fused_kernels(tiny, backend=backend).revert()
+
+
 def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, latent_dim=4, backend="auto",
         compile=False, tile=False, repeats=3, warmup=1, progress=True):
     """Run the benchmark; returns a dict with the setup, per-variant timings/memory, and errors."""
     device, height, width, dtype = resolve_setup(frames, height, width, batch, device, dtype)
+    check_counts(repeats, warmup)
 
     import leanvae_kernels
     from leanvae.fused.patching import use_fused_kernels

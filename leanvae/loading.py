@@ -226,7 +226,7 @@ def read_checkpoint(path):
         raise CheckpointError(f"checkpoint file not found: {path}") from None
     except Exception as exc:  # unpickling, zip or format errors: torch's own text runs to many lines
         raise CheckpointError(
-            f"cannot read {path} as a torch checkpoint ({exc.__class__.__name__}); expected a file written by "
+            f"{path} is not a readable torch checkpoint ({exc.__class__.__name__}); expected a file written by "
             "torch.save({'args': ..., 'state_dict': ...}) such as the published LeanVAE-dim4.ckpt"
         ) from None
     if not isinstance(checkpoint, Mapping) or "args" not in checkpoint:
@@ -279,14 +279,15 @@ def model_from_checkpoint(path, *, strict=True, where=None, model_cls=None):
     if state is None:
         if strict:
             raise CheckpointError(f"{where} has 'args' but no 'state_dict': it holds no weights; pass a trained "
-                                  "checkpoint (or strict=False to get a randomly initialised model)")
+                                  "checkpoint (in Python, strict=False gives a randomly initialised model)")
         warnings.warn(f"{where} has no 'state_dict': the model keeps its random initial weights", stacklevel=3)
         return model
     problem = state_dict_mismatch(model, state)
     if problem:
         summary = f"{where} does not fit LeanVAE(latent_dim={model.args.latent_dim}): {problem}"
         if strict:
-            raise CheckpointError(summary + "; pass strict=False to load only the tensors that fit")
+            raise CheckpointError(summary + "; pass the checkpoint made for this model (in Python, strict=False "
+                                  "loads only the tensors that fit)")
         warnings.warn(summary + "; loaded only the tensors that fit (strict=False)", stacklevel=3)
         own = model.state_dict()
         state = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}

@@ -165,7 +165,7 @@ def test_mismatched_keys_summarised_in_one_line_and_not_strict_loads_what_fits(t
 def test_unreadable_and_foreign_files_are_one_line_errors(tmp_path):
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="cannot read") as info:
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint") as info:
         load_model(str(junk))
     _one_line(info.value)
     foreign = tmp_path / "foreign.pt"
@@ -213,3 +213,17 @@ def test_load_model_checks_the_device_before_any_download(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device: 'cuda:1' is not available"):
         load_model("leanvae-4ch", device="cuda:1")
+
+
+def test_cli_reconstruct_with_a_short_name_offline(offline, tmp_path, capsys):
+    pytest.importorskip("av", reason="PyAV (the [video] extra) is not installed")
+    import numpy as np
+
+    from leanvae.cli import main
+    from leanvae.video import read_video, write_video
+
+    src, dst = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    write_video(str(src), np.full((9, 16, 16, 3), 100, np.uint8), fps=8)
+    assert main(["reconstruct", str(src), str(dst), "--checkpoint", "leanvae-4ch", "-q"]) == 0
+    assert "9 frames 16x16" in capsys.readouterr().out
+    assert read_video(str(dst))[0].shape == (9, 16, 16, 3)
