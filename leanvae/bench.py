@@ -160,7 +160,7 @@ def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, la
     device, height, width, dtype = resolve_setup(frames, height, width, batch, device, dtype)
 
     import leanvae_kernels
-    from leanvae.fused.patching import use_fused_kernels
+    from leanvae.fused.switch import use_fused_kernels
 
     low = dtype in (torch.float16, torch.bfloat16)
     model32 = build_model(latent_dim, device, torch.float32)

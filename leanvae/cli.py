@@ -156,7 +156,7 @@ def cmd_reconstruct(args):
     model = model.to(device=device, dtype=dtype)
     handle = None
     if args.fused and not args.parallel:
-        from leanvae.fused.patching import use_fused_kernels
+        from leanvae.fused.switch import use_fused_kernels
 
         handle = use_fused_kernels(model)
     if args.tile:

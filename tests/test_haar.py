@@ -10,7 +10,7 @@ from conftest import DEVICE, kernel_backends
 from helpers import DTYPE_IDS, assert_close, case_id, strided
 
 import leanvae_kernels as lk
-from leanvae.patcher import Patcher, UnPatcher
+from leanvae.wavelets import Patcher, UnPatcher
 from leanvae_kernels import _native
 from leanvae.fused.haar import FusedPatcher, FusedUnPatcher, fused_patcher_forward, fused_unpatcher_forward
 from leanvae_kernels.ops import haar as H
