@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
 import leanvae
 from leanvae.cli import main
@@ -44,7 +45,7 @@ def test_bench_report_has_one_formatter(tmp_path):
     from leanvae.bench import REPORT_COLUMNS, format_table, report_rows
 
     spec = importlib.util.spec_from_file_location(
-        "bench_report", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "report.py"))
+        "bench_report", os.path.join(ROOT, "benchmarks", "report.py"))
     report_py = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report_py)
 
@@ -139,7 +140,7 @@ def test_reconstruct_errors(tmp_path, checkpoint, capsys):
 def test_info_with_a_bad_backend_variable_says_so_in_one_line():
     env = {**os.environ, "LEANVAE_KERNELS_BACKEND": "junk"}
     proc = subprocess.run([sys.executable, "-m", "leanvae", "info"], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+                          cwd=ROOT, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
