@@ -75,9 +75,25 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): tests run by one worker under --dist loadgroup")
 
 
+# ------------------------------------------------------------------------------ the `toolchain` marker
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _checks_the_toolchain(item):
+    """True for a test of the native toolchain rather than of numbers: everything under tests/toolchain/
+    (nvcc and ptxas builds, SASS, Triton's sm_90 compiler) and the CUDA kernels' host emulation and ptxas
+    files at the top level (test_*_cuda_emulated.py, test_*_ptxas.py)."""
+    rel = os.path.relpath(str(item.path), _TESTS_DIR)
+    name = os.path.basename(rel)
+    return rel.startswith("toolchain" + os.sep) or name.endswith(("_cuda_emulated.py", "_ptxas.py"))
+
+
 def pytest_collection_modifyitems(config, items):
     """`pytest -m gpu` (benchmarks/gpu_suite.sh's correctness stage) selects exactly the tests that run
-    GPU kernels: those marked explicitly and those `_runs_gpu_kernels` recognises."""
+    GPU kernels: those marked explicitly and those `_runs_gpu_kernels` recognises. `pytest -m toolchain`
+    selects the toolchain checks (`_checks_the_toolchain`), `-m "not toolchain"` leaves them out."""
     for item in items:
         if item.get_closest_marker("gpu") is None and _runs_gpu_kernels(item):
             item.add_marker(pytest.mark.gpu)
+        if item.get_closest_marker("toolchain") is None and _checks_the_toolchain(item):
+            item.add_marker(pytest.mark.toolchain)

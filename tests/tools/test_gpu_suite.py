@@ -246,6 +246,7 @@ def test_dispatch_leaves_cpu_ops_alone(probe_op):
     assert _RecordingDevice.log == [("run",)]
 
 
+@pytest.mark.toolchain
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_cuda_device_guard_compiles(tmp_path):
     """The C++ DeviceGuard (csrc/cuda/cuda_common.cuh) and the module's guarded entry point compile for sm_90."""
