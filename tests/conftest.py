@@ -15,6 +15,13 @@ from leanvae_kernels import _native, _triton  # noqa: E402
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
+# Under pytest-xdist (`-n N`) every worker is a process of its own: share the cores among the workers
+# instead of giving each of them all of torch's threads (OpenMP threads spinning on shared cores slow
+# everyone). Tests that need a thread count set it themselves.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _XDIST_WORKERS))
+
 
 def native_required():
     """The CPU native module must be present for the suite: a missing build is a failure, not a skip."""
@@ -88,6 +95,27 @@ def _checks_the_toolchain(item):
     return rel.startswith("toolchain" + os.sep) or name.endswith(("_cuda_emulated.py", "_ptxas.py"))
 
 
+# -------------------------------------------------------------------------- pytest-xdist groups
+# Under `--dist loadgroup`, the tests of one group run on one worker, one after the other:
+# - "processes": the files whose tests start several processes of their own (torchrun, spawned gloo ranks,
+#   the GPU suite's dry run, which runs pytest itself) or wait on wall-clock deadlines, so that two of them
+#   never compete with each other for the cores;
+# - one group per file for the tests that use a module-scoped fixture (a build, an encoded dataset), so the
+#   fixture is made once, not once per worker.
+_SERIAL_FILES = ("test_parallel.py", "test_encode.py", "test_gpu_suite_script.py")
+
+
+def _xdist_group(item):
+    name = os.path.basename(str(item.path))
+    if name in _SERIAL_FILES:
+        return "processes"
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        if defs and str(defs[-1].scope) in ("module", "Scope.Module"):
+            return os.path.relpath(str(item.path), _TESTS_DIR)
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """`pytest -m gpu` (benchmarks/gpu_suite.sh's correctness stage) selects exactly the tests that run
     GPU kernels: those marked explicitly and those `_runs_gpu_kernels` recognises. `pytest -m toolchain`
@@ -97,3 +125,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
         if item.get_closest_marker("toolchain") is None and _checks_the_toolchain(item):
             item.add_marker(pytest.mark.toolchain)
+        group = _xdist_group(item) if item.get_closest_marker("xdist_group") is None else None
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
