@@ -20,6 +20,11 @@ import subprocess
 import sys
 from collections import OrderedDict
 
+# Run as a script, this checkout's packages come first (not another installed copy of leanvae).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
 
 def _git_commit():
     try:
