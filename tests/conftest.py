@@ -21,6 +21,10 @@ DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cp
 _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
 if _XDIST_WORKERS > 1:
     torch.set_num_threads(max(1, torch.get_num_threads() // _XDIST_WORKERS))
+# The processes that tests start (pytest runs of their own: the GPU suite's dry run, the encode benchmark)
+# are not xdist workers: they must not inherit the worker's variables (pytest-benchmark then writes nothing).
+for _var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+    os.environ.pop(_var, None)
 
 
 def native_required():
