@@ -10,7 +10,7 @@
 #   check      `python -m leanvae check`: every op on every backend of the GPU against the reference, forward
 #              and backward, three dtypes, small odd and strided shapes (what users are told to run first)
 #   gpu-tests  `pytest -m gpu`: the tests that run cuda/triton kernels on the GPU (tests/conftest.py marks
-#              them), large-index, non-default-stream and second-device cases (tests/test_gpu_suite.py)
+#              them), large-index, non-default-stream and second-device cases (tests/tools/test_gpu_suite.py)
 #   bench      one pytest-benchmark JSON per benchmarks/test_bench_*.py (CUDA-event timing, bandwidth as a
 #              fraction of the copy bandwidth measured in the same process), torch.compile providers excluded
 #   e2e        `python -m leanvae bench`: 17x1080x1920 bfloat16 and 17x256x256 (reference, fused, peak memory,
@@ -189,7 +189,7 @@ stage_check() {
 stage_gpu_tests() {
   local sel=(tests) par=()
   # Dry run: one small op file through the Triton interpreter plus the suite's own GPU cases (which skip).
-  [ "$DRY" = 1 ] && sel=(tests/test_soft_threshold.py tests/test_gpu_suite.py)
+  [ "$DRY" = 1 ] && sel=(tests/ops/ista/test_soft_threshold.py tests/tools/test_gpu_suite.py)
   # On the GPU machine (16 cores), Triton's JIT compiles dominate: spread them over workers.
   [ "$DRY" != 1 ] && $PY -c "import xdist" 2>/dev/null && par=(-n 6 --dist loadgroup)
   # A test file that fails to import there (a package missing from the image) must not cost all the others.
@@ -260,14 +260,14 @@ stage_compile() {
 stage_sanitizer() {
   if [ "$DRY" = 1 ]; then
     echo "dry run: compute-sanitizer needs a GPU; on one this stage runs:"
-    echo "  compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -k cuda tests/test_soft_threshold.py tests/test_haar.py"
+    echo "  compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -k cuda tests/ops/ista/test_soft_threshold.py tests/ops/haar/test_haar.py"
     return 0
   fi
   local cs
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null) \
     || { echo "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"; return 1; }
   "$cs" --tool memcheck --error-exitcode 1 --print-limit 20 \
-    $PY -m pytest -p no:cacheprovider -q -x -m gpu -k "cuda and not large and not target" tests/test_soft_threshold.py tests/test_haar.py tests/test_ista_ops.py
+    $PY -m pytest -p no:cacheprovider -q -x -m gpu -k "cuda and not large and not target" tests/ops/ista/test_soft_threshold.py tests/ops/haar/test_haar.py tests/ops/ista/test_ista_ops.py
 }
 
 stage_report() {

@@ -20,6 +20,11 @@ import subprocess
 import sys
 from collections import OrderedDict
 
+# Run as a script, this checkout's packages come first (not another installed copy of leanvae).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
 
 def _git_commit():
     try:
@@ -107,6 +112,8 @@ def bench_tables(paths):
 
 
 def e2e_tables(paths):
+    from leanvae.bench import REPORT_COLUMNS, error_note, report_rows
+
     lines, chart = [], []
     for path in paths:
         with open(path) as f:
@@ -114,20 +121,14 @@ def e2e_tables(paths):
         s = rep["setup"]
         lines.append(f"\n### encode+decode {s['batch']}x{s['frames']}x{s['height']}x{s['width']} {s['dtype']} "
                      f"({s['device']}, backend {s['backend']}, tile {s['tile']})\n")
-        lines.append("| variant | encode s | decode s | total s | vs reference | enc peak MB | dec peak MB | rel err z | rel err x |")
-        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        lines.append("| " + " | ".join(REPORT_COLUMNS) + " |")
+        lines.append("| --- |" + " ---: |" * (len(REPORT_COLUMNS) - 1))
+        lines += ["| " + " | ".join(cells) + " |" for cells in report_rows(rep)]
         for name, r in rep["results"].items():
-            err = r.get("error")
-            ez = f"{err['encode']['max_rel']:.1e}" if err else "-"
-            ex = f"{err['decode']['max_rel']:.1e}" if err else "-"
-            lines.append(
-                f"| {name} | {r['encode']['seconds']:.3f} | {r['decode']['seconds']:.3f} | {r['total_seconds']:.3f} | "
-                f"{r['speedup_vs_reference']:.2f}x | {r['encode']['peak_bytes'] / 2**20:.0f} | "
-                f"{r['decode']['peak_bytes'] / 2**20:.0f} | {ez} | {ex} |"
-            )
             if name != "reference":
                 chart.append((f"e2e {s['dtype']} {name}", r["speedup_vs_reference"]))
-        lines.append(f"\nfused agrees with reference ({rep['criterion']}): {'yes' if rep['agree'] else 'NO'}")
+        lines.append(f"\n{error_note(rep)}; fused agrees with reference ({rep['criterion']}): "
+                     f"{'yes' if rep['agree'] else 'NO'}")
     return lines, chart
 
 

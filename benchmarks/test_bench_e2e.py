@@ -33,7 +33,7 @@ def _model(models, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("provider", providers("reference", "compile", "cpu", "triton", "cuda"))
 def test_encode_decode(benchmark, models, provider, dtype):
-    from leanvae.fused.patching import use_fused_kernels
+    from leanvae.fused.switch import use_fused_kernels
 
     model = _model(models, dtype)
     clip = synthetic_clip(FRAMES, HEIGHT, WIDTH, 1, DEVICE, dtype)

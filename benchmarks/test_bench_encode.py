@@ -136,7 +136,7 @@ def test_encode_clips_per_s(benchmark, workdir, device, dtype, size, fused):
 
 @pytest.mark.skipif(ON_GPU, reason="rank scaling is measured on the CPU (gloo); on GPUs it is one GPU per rank")
 @pytest.mark.skipif(DRY_RUN, reason="two torchrun launches do not fit the dry run's per-file budget; "
-                                    "tests/test_encode.py runs torchrun")
+                                    "tests/tools/test_encode.py runs torchrun")
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_encode_rank_scaling_cpu(benchmark, workdir, ranks):
     videos, frames = _dataset(workdir, benchmark.disabled, 256)

@@ -13,7 +13,7 @@ import torch
 from harness import DEVICE, backend_of, compiled, providers, run, target
 
 import leanvae_kernels as lk
-from leanvae.patcher import Patcher, UnPatcher
+from leanvae.wavelets import Patcher, UnPatcher
 from leanvae.fused.haar import FusedPatcher, FusedUnPatcher, HaarLatentCompressor
 
 CLIP = target((1, 3, 17, 1080, 1920), (1, 3, 17, 256, 256), dry=(1, 3, 5, 8, 8))

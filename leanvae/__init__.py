@@ -10,7 +10,7 @@ The reference model (everything but `use_fused_kernels`) never imports `leanvae_
 from .distributions import DiagonalGaussianDistribution
 from .model import DEFAULT_ARGS, LeanVAE, make_args
 from .modules import GEGLU, ISTA, NAF, PEG3D, Decoder_Arch, Encoder_Arch, ResNAF, ffd
-from .patcher import Patcher, UnPatcher
+from .wavelets import Patcher, UnPatcher
 
 __version__ = "0.1.0"
 
@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 def use_fused_kernels(model=None, **kwargs):
     """Switch `model` (or, with no model, every reference LeanVAE) to the fused kernels.
 
-    See `leanvae.fused.patching.use_fused_kernels` for the arguments and the returned handle.
+    See `leanvae.fused.switch.use_fused_kernels` for the arguments and the returned handle.
     """
-    from .fused.patching import use_fused_kernels as _use
+    from .fused.switch import use_fused_kernels as _use
 
     return _use(model, **kwargs)
 

@@ -167,7 +167,7 @@ def check_backend(backend, device, dtype):
 
     The same check `use_fused_kernels` makes, on a tiny model, so a bad choice fails before the benchmark
     builds the full one."""
-    from leanvae.fused.patching import use_fused_kernels
+    from leanvae.fused.switch import use_fused_kernels
 
     tiny = LeanVAE.from_config(embedding_dim=16, l_dim=8, h_dim=8, sep_num_layer=1, fusion_num_layer=1,
                                ista_iter_num=1, ista_layer_num=1).to(device=device, dtype=dtype)
@@ -181,7 +181,7 @@ def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, la
     check_counts(repeats, warmup)
 
     import leanvae_kernels
-    from leanvae.fused.patching import use_fused_kernels
+    from leanvae.fused.switch import use_fused_kernels
 
     low = dtype in (torch.float16, torch.bfloat16)
     model32 = build_model(latent_dim, device, torch.float32)
@@ -284,31 +284,53 @@ def run(frames=17, height=None, width=None, batch=1, device=None, dtype=None, la
     }
 
 
+# The report's table: one row per variant. `python -m leanvae bench` prints it as text and
+# benchmarks/report.py writes it as Markdown, both from these cells.
+REPORT_COLUMNS = ("variant", "encode s", "decode s", "total s", "vs reference", "enc peak MB", "dec peak MB",
+                  "err z", "err x")
+_TEXT_WIDTHS = (20, 10, 10, 10, 14, 13, 13, 11, 11)
+
+
+def error_note(report):
+    """What the table's error columns hold: max relative error for float32, relative RMS otherwise."""
+    if report["setup"]["dtype"] == "float32":
+        return "err: max relative error vs the reference"
+    return "err: relative RMS vs the reference"
+
+
+def report_rows(report):
+    """The table's cells, one list of strings per variant, in REPORT_COLUMNS order."""
+    key = "max_rel" if report["setup"]["dtype"] == "float32" else "rms_rel"
+    rows = []
+    for name, r in report["results"].items():
+        err = r.get("error")
+        rows.append([
+            name, f"{r['encode']['seconds']:.3f}", f"{r['decode']['seconds']:.3f}", f"{r['total_seconds']:.3f}",
+            f"{r['speedup_vs_reference']:.2f}x", f"{r['encode']['peak_bytes'] / 2**20:.0f}",
+            f"{r['decode']['peak_bytes'] / 2**20:.0f}",
+            f"{err['encode'][key]:.1e}" if err else "-", f"{err['decode'][key]:.1e}" if err else "-",
+        ])
+    return rows
+
+
 def format_table(report):
+    """The report as plain text (what `python -m leanvae bench` prints)."""
     s = report["setup"]
+
+    def line(cells):
+        return "".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, _TEXT_WIDTHS)))
+
     lines = [
         f"LeanVAE encode+decode: {s['batch']}x{s['frames']}x{s['height']}x{s['width']} {s['dtype']} on {s['device']} "
         f"(latent {s['latent_dim']}, backend {s['backend']}, tile {s['tile']}, median of {s['repeats']})",
-        f"{'variant':<20}{'encode s':>10}{'decode s':>10}{'total s':>10}{'speedup':>9}{'enc peak MB':>13}"
-        f"{'dec peak MB':>13}{'err z':>11}{'err x':>11}",
+        line(REPORT_COLUMNS),
     ]
-    for name, r in report["results"].items():
-        err = r.get("error")
-        key = "rms_rel" if s["dtype"] != "float32" else "max_rel"
-        ez = f"{err['encode'][key]:.1e}" if err else "-"
-        ex = f"{err['decode'][key]:.1e}" if err else "-"
-        lines.append(
-            f"{name:<20}{r['encode']['seconds']:>10.3f}{r['decode']['seconds']:>10.3f}{r['total_seconds']:>10.3f}"
-            f"{r['speedup_vs_reference']:>8.2f}x{r['encode']['peak_bytes'] / 2**20:>13.0f}"
-            f"{r['decode']['peak_bytes'] / 2**20:>13.0f}{ez:>11}{ex:>11}"
-        )
+    lines += [line(cells) for cells in report_rows(report)]
+    lines.append(error_note(report) + ("; vs the float32 model:" if s["dtype"] != "float32" else ""))
     if s["dtype"] != "float32":
-        lines.append("err: relative RMS vs the reference; vs the float32 model:")
         for name, r in report["results"].items():
             e = r.get("error_vs_float32")
             if e:
                 lines.append(f"  {name:<18} encode {e['encode']['rms_rel']:.2e}  decode {e['decode']['rms_rel']:.2e}")
-    else:
-        lines.append("err: max relative error vs the reference")
     lines.append(f"fused agrees ({report['criterion']}): {'yes' if report['agree'] else 'NO'}")
     return "\n".join(lines)

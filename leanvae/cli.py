@@ -276,7 +276,7 @@ def cmd_reconstruct(args):
                  f"the last {count - t} are left out")
         handle = None
         if args.fused and not args.parallel:
-            from leanvae.fused.patching import use_fused_kernels
+            from leanvae.fused.switch import use_fused_kernels
 
             handle = use_fused_kernels(model)
         try:

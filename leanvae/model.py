@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .distributions import DiagonalGaussianDistribution
 from .modules import ISTA, Decoder_Arch, Encoder_Arch
-from .patcher import Patcher, UnPatcher
+from .wavelets import Patcher, UnPatcher
 
 #: The published defaults (`LeanVAE.add_model_specific_args` plus the constructor's fallbacks).
 DEFAULT_ARGS = dict(

@@ -8,7 +8,7 @@
     x_band_rec = lp.decode(model, z_band)                   # (B, 3, T, 8*rows_r, W)
     x_rec = lp.gather_bands(x_band_rec, dim=-2)             # the whole clip, on every rank
 
-What reads across token rows (checked in leanvae/model.py, modules.py, patcher.py):
+What reads across token rows (checked in leanvae/model.py, modules.py, wavelets.py):
 - `PEG3D` (a 3x3x3 causal depthwise conv, in every NAF/ResNAF of the encoder, decoder and the ISTA
   bottleneck's `recon`) reads one token row above and below: the ONLY cross-row operation.
 - `Patcher` / `UnPatcher`: one-level Haar with stride 2 and no overlap; the band's pixel height is a
@@ -40,7 +40,7 @@ __all__ = ["split_rows", "split_clip", "gather_bands", "encode", "decode"]
 
 # Modules whose classes may appear in a model run here: the reference model and torch.nn. A model patched
 # by `use_fused_kernels` (PEG3D replaced) would silently lose the halo, so it is refused.
-_ALLOWED_MODULE_PREFIXES = ("leanvae.modules", "leanvae.patcher", "leanvae.model", "torch.nn")
+_ALLOWED_MODULE_PREFIXES = ("leanvae.modules", "leanvae.wavelets", "leanvae.model", "torch.nn")
 
 
 def split_rows(n_rows, world_size):

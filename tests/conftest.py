@@ -15,6 +15,17 @@ from leanvae_kernels import _native, _triton  # noqa: E402
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
+# Under pytest-xdist (`-n N`) every worker is a process of its own: share the cores among the workers
+# instead of giving each of them all of torch's threads (OpenMP threads spinning on shared cores slow
+# everyone). Tests that need a thread count set it themselves.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _XDIST_WORKERS))
+# The processes that tests start (pytest runs of their own: the GPU suite's dry run, the encode benchmark)
+# are not xdist workers: they must not inherit the worker's variables (pytest-benchmark then writes nothing).
+for _var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+    os.environ.pop(_var, None)
+
 
 def native_required():
     """The CPU native module must be present for the suite: a missing build is a failure, not a skip."""
@@ -75,9 +86,49 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): tests run by one worker under --dist loadgroup")
 
 
+# ------------------------------------------------------------------------------ the `toolchain` marker
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _checks_the_toolchain(item):
+    """True for a test of the native toolchain rather than of numbers: everything under tests/toolchain/
+    (nvcc and ptxas builds, SASS, Triton's sm_90 compiler) and the CUDA kernels' host emulation and ptxas
+    files at the top level (test_*_cuda_emulated.py, test_*_ptxas.py)."""
+    rel = os.path.relpath(str(item.path), _TESTS_DIR)
+    name = os.path.basename(rel)
+    return rel.startswith("toolchain" + os.sep) or name.endswith(("_cuda_emulated.py", "_ptxas.py"))
+
+
+# -------------------------------------------------------------------------- pytest-xdist groups
+# Under `--dist loadgroup`, the tests of one group run on one worker, one after the other:
+# - "processes": the files whose tests start several processes of their own (torchrun, spawned gloo ranks,
+#   the GPU suite's dry run, which runs pytest itself) or wait on wall-clock deadlines, so that two of them
+#   never compete with each other for the cores;
+# - one group per file for the tests that use a module-scoped fixture (a build, an encoded dataset), so the
+#   fixture is made once, not once per worker.
+_SERIAL_FILES = ("test_parallel.py", "test_encode.py", "test_gpu_suite_script.py")
+
+
+def _xdist_group(item):
+    name = os.path.basename(str(item.path))
+    if name in _SERIAL_FILES:
+        return "processes"
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        if defs and str(defs[-1].scope) in ("module", "Scope.Module"):
+            return os.path.relpath(str(item.path), _TESTS_DIR)
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """`pytest -m gpu` (benchmarks/gpu_suite.sh's correctness stage) selects exactly the tests that run
-    GPU kernels: those marked explicitly and those `_runs_gpu_kernels` recognises."""
+    GPU kernels: those marked explicitly and those `_runs_gpu_kernels` recognises. `pytest -m toolchain`
+    selects the toolchain checks (`_checks_the_toolchain`), `-m "not toolchain"` leaves them out."""
     for item in items:
         if item.get_closest_marker("gpu") is None and _runs_gpu_kernels(item):
             item.add_marker(pytest.mark.gpu)
+        if item.get_closest_marker("toolchain") is None and _checks_the_toolchain(item):
+            item.add_marker(pytest.mark.toolchain)
+        group = _xdist_group(item) if item.get_closest_marker("xdist_group") is None else None
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))

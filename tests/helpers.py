@@ -1,5 +1,11 @@
-"""One tolerance table and the shared test helpers (case ids, strided inputs, comparisons)."""
+"""One tolerance table and the shared test helpers (case ids, strided inputs, comparisons, paths)."""
+import os
+
 import torch
+
+# Test files live in subfolders of tests/ at various depths: locate the repository from here.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data")
 
 # Fused kernels accumulate in float32 and round once; references compute in float32 (float64 for
 # float64). bfloat16 allows one ulp (2^-7): the Triton interpreter rounds float32->bfloat16 one ulp

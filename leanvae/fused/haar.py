@@ -1,7 +1,7 @@
 """Drop-in fused replacements for the model's `Patcher` / `UnPatcher`, and the LC-VAE latent compressor.
 
 `fused_patcher_forward(self, x)` / `fused_unpatcher_forward(self, x)` read only `self.rescale`, which
-both our reference modules (leanvae/patcher.py) and the published ones have, so they can be bound onto an
+both our reference modules (leanvae/wavelets.py) and the published ones have, so they can be bound onto an
 existing instance of either without touching its buffers, state_dict or repr:
 
     patcher.forward = types.MethodType(fused_patcher_forward, patcher)
@@ -11,7 +11,7 @@ buffers and state_dict keys are the reference's).
 """
 import torch
 
-from leanvae.patcher import Patcher, UnPatcher
+from leanvae.wavelets import Patcher, UnPatcher
 
 from leanvae_kernels.ops.haar import haar_patch, haar_unpatch
 from leanvae_kernels.ops.haar_multilevel import DEFAULT_KEEP, haar_latent_compress, haar_latent_decompress, parse_keep

@@ -401,7 +401,7 @@ _LAUNCH = dict(num_warps=4, maxnreg=128)
 def _blocks(w, c):
     """(BLOCK_W, BLOCK_C). The interpreter's cost is per operation, not per element: whole rows there.
     On GPUs 8 x 32 with 4 warps. Compiled for sm_90 as launched at (1, 5, 135, 240, 512) bf16
-    (tests/test_causal_conv.py, test_triton_kernels_compile_for_sm90_without_spills) the forward needs
+    (tests/ops/causal_conv/test_causal_conv.py, test_triton_kernels_compile_for_sm90_without_spills) the forward needs
     95-99 registers and the grad input 114-123 under the 128 cap (Triton 3.9 / 3.6), without spilling
     (219-231 before the taps were hoisted out of the frame walk). An earlier, generically specialised
     compile found 16 x 64 at 244 registers, spilling."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import leanvae
-from helpers import assert_close
+from helpers import ROOT, assert_close
 
 av = pytest.importorskip("av", reason="PyAV (the [video] extra) is not installed")
 pytest.importorskip("safetensors", reason="safetensors is not installed")
@@ -27,7 +27,6 @@ from leanvae.video import read_video, to_model_input, write_video  # noqa: E402
 TINY = dict(embedding_dim=48, l_dim=16, h_dim=32, sep_num_layer=1, fusion_num_layer=1)
 OPTS = dict(frames=5, videos_per_shard=2, workers=1, quiet=True)
 CLI_OPTS = ["--frames", "5", "--videos-per-shard", "2", "--workers", "1", "-q"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _clip(frames, h=32, w=48, phase=0.0):
@@ -259,7 +258,7 @@ def test_opencv_reader_encodes_the_same_dataset(dataset, single, tmp_path):
     assert summary["reader"] == "opencv" and json.loads(_read(out, "meta.json"))["options"]["video_reader"] == "opencv"
     assert {e["path"] for e in _errors(out)} == dataset["bad"]  # the same inputs refused through cv2
     # same clips; latents of frames decoded by another library: close (the readers' frames agree within
-    # 40 dB PSNR, tests/test_video_readers.py), and equal where their frames are equal, as with this FFmpeg
+    # 40 dB PSNR, tests/tools/test_video_readers.py), and equal where their frames are equal, as with this FFmpeg
     index, ref = _index(out), _index(single[0])
     assert [(r["path"], r["first_frame"], r["latent_shape"]) for r in index] == [
         (r["path"], r["first_frame"], r["latent_shape"]) for r in ref]

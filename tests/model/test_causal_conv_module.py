@@ -68,6 +68,24 @@ def test_fused_peg3d_matches_peg3d_and_keeps_its_parameters():
         assert_close(p1.grad, p2.grad)
 
 
+def test_fused_peg3d_is_not_switched_as_a_plain_peg3d():
+    """FusedPEG3D shares PEG3D's construction but keeps its own forward: the switch leaves it alone (it is
+    fused already), a class-level switch of PEG3D does not reach it, and a fused NAF calls it as a module."""
+    from leanvae.fused.switch import use_fused_kernels
+
+    naf = NAF(1, 8).to(DEVICE)
+    naf.dconv_layer[0] = FusedPEG3D(8).to(DEVICE)
+    x = _tokens((1, 3, 4, 5, 8))
+    expected = naf(x)
+    with use_fused_kernels(naf, backend="reference", conv=True, ffd=False) as h:
+        assert any("FusedPEG3D defines its own forward" in s for s in h.skipped), h.skipped
+        assert "forward" not in vars(naf.dconv_layer[0])
+        assert torch.equal(naf(x), expected)
+    own, plain = vars(FusedPEG3D)["forward"], PEG3D.forward
+    with use_fused_kernels(backend="reference"):
+        assert PEG3D.forward is not plain and vars(FusedPEG3D)["forward"] is own
+
+
 def test_binding_onto_an_instance_keeps_parameters_state_dict_and_repr():
     naf = ResNAF(2, 16).to(DEVICE)
     before = (repr(naf), list(naf.state_dict()), [p.data_ptr() for p in naf.parameters()])

@@ -1,9 +1,10 @@
 """Each op's pure-PyTorch reference (the spec) against the reference model's own modules, and opcheck
-of every registered op. Kernel backends are tested against these references in the per-op test files."""
+of every registered op (the cases: op_table.py). Kernel backends are tested against these references in the per-op test files."""
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import case_id
+from op_table import OPS, op_cases, registered_ops
 
 import leanvae
 import leanvae_kernels as lk
@@ -119,61 +120,15 @@ def test_ista_references_match_model_expressions():
     )
 
 
-def _opcheck_cases():
-    """Arguments (without the trailing backend) for every op registered under leanvae::, backward ops too."""
-    g = torch.Generator().manual_seed(5)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g)
-
-    x5 = rnd(1, 2, 3, 5, 4)
-    odd = rnd(1, 2, 5, 5, 4)
-    bands3 = rnd(1, 16, 2, 3, 2)
-    bands2 = rnd(1, 8, 1, 3, 2)
-    conv_x, w, b, cache = rnd(1, 3, 4, 5, 6), rnd(6, 1, 3, 3, 3), rnd(6), rnd(1, 2, 4, 5, 6)
-    r, y, phi, step = rnd(7, 16), rnd(7, 4), rnd(4, 16), torch.tensor(0.9)
-    return {
-        "haar_dwt3d": [(x5, True)],
-        "haar_dwt3d_backward": [(rnd(1, 16, 2, 3, 2), x5, True)],
-        "haar_dwt2d": [(x5[:, :, :1], True)],
-        "haar_dwt2d_backward": [(rnd(1, 8, 1, 3, 2), x5[:, :, :1].contiguous(), True)],
-        "haar_idwt3d": [(bands3, True)],
-        "haar_idwt3d_backward": [(rnd(1, 2, 4, 6, 4), bands3, True)],
-        "haar_idwt2d": [(bands2, False)],
-        "haar_idwt2d_backward": [(rnd(1, 2, 1, 6, 4), bands2, False)],
-        "haar_patch": [(odd, True)],
-        "haar_patch_backward": [(rnd(1, 8, 1, 3, 2), rnd(1, 16, 2, 3, 2), odd, True)],
-        "haar_unpatch": [(rnd(1, 8, 1, 3, 2), bands3, True)],
-        "haar_unpatch_backward": [(rnd(1, 2, 5, 6, 4), rnd(1, 8, 1, 3, 2), bands3, True)],
-        "causal_dwconv3d": [(conv_x, w, b, cache, True, 0), (conv_x, w, None, None, False, 2)],
-        "causal_dwconv3d_backward": [(rnd(1, 3, 4, 5, 6), rnd(1, 2, 4, 5, 6), conv_x, w, b, cache, True, 0)],
-        "haar_latent_compress": [(rnd(1, 3, 4, 4, 8), 2, [0, 1, 2, 4], True, False), (rnd(1, 2, 2, 4, 2), 1, [7], False, True)],
-        "haar_latent_compress_backward": [(rnd(1, 12, 1, 1, 2), [1, 3, 4, 4, 8], 2, [0, 1, 2, 4], True, False)],
-        "haar_latent_decompress": [(rnd(1, 12, 1, 1, 2), 2, [0, 1, 2, 4], True, False)],
-        "haar_latent_decompress_backward": [(rnd(1, 3, 4, 4, 8), [1, 12, 1, 1, 2], 2, [0, 1, 2, 4], True, False)],
-        "ista_step": [(r, y, phi, step)],
-        "ista_residual_step": [(r, rnd(7, 16), y, phi, step)],
-        "ista_residual_step_backward": [(rnd(7, 16), r, rnd(7, 16), y, phi, step)],
-        "ista_init_step": [(y, rnd(16, 4), phi, step)],
-        "ista_init_step_backward": [(rnd(7, 16), y, rnd(16, 4), phi, step)],
-        "ista_step_backward": [(rnd(7, 16), r, y, phi, step)],
-        "soft_threshold": [(r, torch.tensor([0.1]))],
-        "soft_threshold_backward": [(rnd(7, 16), r, torch.tensor([0.1]))],
-        "geglu": [(r,), (rnd(2, 3, 10).transpose(0, 1),)],
-        "geglu_backward": [(rnd(7, 8), r)],
-    }
-
-
 def test_every_registered_op_has_an_opcheck_case():
-    registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("leanvae::")}
-    assert registered == set(_opcheck_cases())
+    assert registered_ops() == set(op_cases())
 
 
-@pytest.mark.parametrize("name", sorted(_opcheck_cases()))
+@pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_opcheck_every_op(name, backend):
     # Backward ops have no autograd formula of their own (no double backward), so their inputs don't require grad.
     grad = not name.endswith("_backward")
-    for args in _opcheck_cases()[name]:
+    for args in op_cases()[name]:
         args = tuple(a.clone().requires_grad_(grad) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
         torch.library.opcheck(getattr(torch.ops.leanvae, name).default, args + (backend,))

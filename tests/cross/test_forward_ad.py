@@ -1,18 +1,16 @@
 """Forward-mode AD and double backward through every registered op: a clear error naming the op, never
 silent zero tangents (issue 10 item 8). The refusal is installed centrally (ops/_common.py) on every op
-of the namespace, so this test walks the same list as the opcheck test, backward ops included."""
+of the namespace, so this test walks the same table as the opcheck test (op_table.py), backward ops included."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from test_op_references import _opcheck_cases
+from op_table import FORWARD_OPS, OPS, op_cases, registered_ops
 
-CASES = _opcheck_cases()
-OPS = sorted(CASES)
+CASES = op_cases()
 
 
 def test_every_registered_op_is_covered():
-    registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("leanvae::")}
-    assert registered == set(OPS)
+    assert registered_ops() == set(OPS)
 
 
 def _float_positions(args):
@@ -33,7 +31,7 @@ def test_forward_ad_dual_tensor_is_refused_by_name(name, backend):
         op(*args, backend)  # the same call without a tangent still runs
 
 
-@pytest.mark.parametrize("name", [n for n in OPS if not n.endswith("_backward")])
+@pytest.mark.parametrize("name", FORWARD_OPS)
 def test_func_jvp_and_jacfwd_are_refused_by_name(name):
     op = getattr(torch.ops.leanvae, name).default
     args = CASES[name][0]
@@ -63,7 +61,7 @@ def test_forward_ad_refused_through_public_wrapper_and_module():
             lk.soft_threshold(x, fwAD.make_dual(theta, torch.ones_like(theta)))
 
 
-@pytest.mark.parametrize("name", [n for n in OPS if not n.endswith("_backward")])
+@pytest.mark.parametrize("name", FORWARD_OPS)
 def test_double_backward_is_a_clear_error(name):
     op = getattr(torch.ops.leanvae, name).default
     args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import ROOT, assert_close
 
 import leanvae_kernels as lk
 from leanvae_kernels import _backend
@@ -246,10 +246,11 @@ def test_dispatch_leaves_cpu_ops_alone(probe_op):
     assert _RecordingDevice.log == [("run",)]
 
 
+@pytest.mark.toolchain
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_cuda_device_guard_compiles(tmp_path):
     """The C++ DeviceGuard (csrc/cuda/cuda_common.cuh) and the module's guarded entry point compile for sm_90."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     src = os.path.join(root, "csrc", "cuda", "runtime_info.cu")
     with open(src) as f:
         assert "cuda::DeviceGuard guard(args.device)" in f.read(), "the entry point no longer holds the guard"

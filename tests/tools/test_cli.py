@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
 import leanvae
 from leanvae.cli import main
@@ -34,6 +35,39 @@ def test_bench_tiny_clip_agrees_and_writes_json(tmp_path, capsys):
     assert set(report["results"]) == {"reference", "fused"}
     assert report["results"]["fused"]["error"]["decode"]["max_rel"] < 1e-4
     assert "fused agrees (max_rel vs reference" in out
+
+
+def test_bench_report_has_one_formatter(tmp_path):
+    """`leanvae bench`'s text table and benchmarks/report.py's Markdown table are rendered from the same
+    cells (leanvae.bench.report_rows), and the error columns follow the dtype (max_rel in float32, RMS otherwise)."""
+    import importlib.util
+
+    from leanvae.bench import REPORT_COLUMNS, format_table, report_rows
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_report", os.path.join(ROOT, "benchmarks", "report.py"))
+    report_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report_py)
+
+    def row(seconds, err):
+        return {"encode": {"seconds": seconds, "peak_bytes": 3 * 2**20}, "decode": {"seconds": 2 * seconds, "peak_bytes": 2**20},
+                "total_seconds": 3 * seconds, "speedup_vs_reference": 0.5 / seconds,
+                **({"error": {p: {"max_rel": 2e-6, "rms_rel": 3e-3} for p in ("encode", "decode")}} if err else {})}
+
+    for dtype, shown in (("float32", "2.0e-06"), ("bfloat16", "3.0e-03")):
+        rep = {"setup": {"batch": 1, "frames": 5, "height": 16, "width": 24, "dtype": dtype, "device": "cpu",
+                         "latent_dim": 4, "backend": "auto", "tile": False, "repeats": 1},
+               "results": {"reference": row(0.5, False), "fused": row(0.25, True)}, "agree": True, "criterion": "c"}
+        rows = report_rows(rep)
+        assert rows[1] == ["fused", "0.250", "0.500", "0.750", "2.00x", "3", "1", shown, shown]
+        text = format_table(rep).splitlines()
+        assert text[1].split() == " ".join(REPORT_COLUMNS).split()
+        assert [line.split() for line in text[2:4]] == rows
+        path = tmp_path / f"{dtype}.json"
+        path.write_text(json.dumps(rep))
+        md = report_py.e2e_tables([str(path)])[0]
+        assert "| " + " | ".join(REPORT_COLUMNS) + " |" in md
+        assert ["| " + " | ".join(cells) + " |" for cells in rows] == [line for line in md if line.startswith("| ")][2:]
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -106,7 +140,7 @@ def test_reconstruct_errors(tmp_path, checkpoint, capsys):
 def test_info_with_a_bad_backend_variable_says_so_in_one_line():
     env = {**os.environ, "LEANVAE_KERNELS_BACKEND": "junk"}
     proc = subprocess.run([sys.executable, "-m", "leanvae", "info"], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+                          cwd=ROOT, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
+from helpers import DATA
 
 import leanvae
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def rel_err(a, b):

@@ -1,5 +1,5 @@
 """Semantics of repeated switching (layers), pickling, user subclasses and models with nothing to switch
-(issue 10 items 1-4). The switch's contract is in leanvae/fused/patching.py's docstring."""
+(issue 10 items 1-4). The switch's contract is in leanvae/fused/switch.py's docstring."""
 import copy
 import io
 import os
@@ -12,8 +12,8 @@ import torch.nn as nn
 from test_use_fused_kernels import foreign_copy, make_model
 
 import leanvae
-from leanvae.fused import patching
-from leanvae.fused.patching import use_fused_kernels
+from leanvae.fused import switch
+from leanvae.fused.switch import use_fused_kernels
 
 TINY = dict(embedding_dim=32, l_dim=8, h_dim=24, sep_num_layer=1, fusion_num_layer=1, ista_layer_num=1)
 CLASSES = [leanvae.Patcher, leanvae.UnPatcher, leanvae.PEG3D, leanvae.NAF, leanvae.ResNAF, leanvae.ISTA]
@@ -44,7 +44,7 @@ def _own_slots(model):
     """The bookkeeping entries of this model's modules and of our classes (other tests may leave models of
     their own switched: those are not this test's business)."""
     mine = {id(m) for m in model.modules()} | {id(c) for c in CLASSES}
-    return [(t, slots) for t, slots in list(patching._SLOTS.items()) if id(t) in mine]
+    return [(t, slots) for t, slots in list(switch._SLOTS.items()) if id(t) in mine]
 
 
 def _check_layers(model, handles):
@@ -57,7 +57,7 @@ def _check_layers(model, handles):
             assert all(id(h) in live for h, _ in slot.layers), f"{name}: a reverted handle's layer is still there"
             assert vars(target)[name] is slot.layers[-1][1], f"{name}: not the newest layer"
     for h in handles:
-        assert h.active and all(any(o is h for o, _ in patching._SLOTS[t][n].layers) for t, n in h._held)
+        assert h.active and all(any(o is h for o, _ in switch._SLOTS[t][n].layers) for t, n in h._held)
 
 
 def _random_sequence(model, rng, steps):

@@ -8,7 +8,7 @@ Two ways, because the published code is not a dependency (and is never copied in
 - When LEANVAE_PUBLISHED_SRC points at a checkout of the published repository: the published classes
   are imported from there and compared live, on the published default configuration (4 and 16 channels).
 
-Regenerate the fixture: python tests/test_published_parity.py /path/to/LeanVAE-checkout
+Regenerate the fixture: python tests/model/test_published_parity.py /path/to/LeanVAE-checkout
 """
 import argparse
 import hashlib
@@ -22,7 +22,7 @@ import torch
 
 import leanvae
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "data", "published_golden.pt")
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "data", "published_golden.pt")  # tests/data; also run as a script
 SMALL = dict(embedding_dim=32, latent_dim=4, l_dim=8, h_dim=24, sep_num_layer=1, fusion_num_layer=2,
              ista_iter_num=2, ista_layer_num=1, use_tile_inference=False, chunksize_enc=5, chunksize_dec=2)
 GOLDEN_REL_BOUND = 1e-5  # max |ours - published| / max |published|, across CPUs (see the test)

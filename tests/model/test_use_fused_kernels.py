@@ -10,7 +10,7 @@ from conftest import DEVICE, kernel_backends
 
 import leanvae
 import leanvae_kernels
-from leanvae.fused.patching import use_fused_kernels
+from leanvae.fused.switch import use_fused_kernels
 
 SMALL = dict(embedding_dim=64, l_dim=16, h_dim=48, sep_num_layer=1, fusion_num_layer=2, ista_layer_num=1)
 

@@ -20,6 +20,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import ROOT
 
 REL_BOUND = 1e-6
 WORLD_SIZES = (2, 3, 4)
@@ -218,7 +219,7 @@ def test_cli_bench_parallel_under_torchrun(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp_path / "rep.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
@@ -252,7 +253,7 @@ def test_cli_reconstruct_parallel_matches_one_process(tmp_path):
     torch.manual_seed(0)
     leanvae.LeanVAE.from_config(l_dim=8, h_dim=8, embedding_dim=16, sep_num_layer=1, fusion_num_layer=1,
                                 ista_iter_num=1, ista_layer_num=1).save_checkpoint(str(ckpt))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     psnr = {}
     for label, launcher in (("one", [sys.executable, "-m", "leanvae"]),

@@ -319,9 +319,9 @@ def use_fused_kernels(model=None, *, backend="auto", haar=True, conv=True, ista=
         if not ok:
             raise _backend.BackendUnavailable(f"use_fused_kernels: backend {backend!r} is not available: {reason}")
     import leanvae.modules
-    import leanvae.patcher
+    import leanvae.wavelets
 
-    classes = [leanvae.patcher.Patcher, leanvae.patcher.UnPatcher, leanvae.modules.PEG3D, leanvae.modules.NAF,
+    classes = [leanvae.wavelets.Patcher, leanvae.wavelets.UnPatcher, leanvae.modules.PEG3D, leanvae.modules.NAF,
                leanvae.modules.ResNAF, leanvae.modules.ISTA]
     for cls in classes:
         probe = _probe_instance(cls)
@@ -339,10 +339,10 @@ def use_fused_kernels(model=None, *, backend="auto", haar=True, conv=True, ista=
 def _probe_instance(cls):
     """A tiny instance of a reference class, to run the structural matchers on the class."""
     import leanvae.modules
-    import leanvae.patcher
+    import leanvae.wavelets
 
     with torch.device("meta"):
-        if cls in (leanvae.patcher.Patcher, leanvae.patcher.UnPatcher):
+        if cls in (leanvae.wavelets.Patcher, leanvae.wavelets.UnPatcher):
             return cls()
         if cls is leanvae.modules.PEG3D:
             return cls(2)

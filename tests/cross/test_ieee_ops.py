@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import DEVICE, kernel_backends
 from helpers import TOL
+from op_table import FORWARD_OPS, IEEE_TESTS, defines_test
 
 import leanvae_kernels as lk
 
@@ -50,6 +51,18 @@ def run(fn, inputs, grads, backend):
         outs = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward([o for o in outs if o is not None], [g for g in grads if g is not None])
     return [o.detach() for o in outs if o is not None], [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+# ------------------------------------------------------------------------------------ coverage
+def test_every_forward_op_has_a_nonfinite_pattern_test():
+    """Every forward op of the table (op_table.py) names the test of its NaN/Inf pattern, that test exists,
+    and the ops checked here have their cases in this file's tables."""
+    assert set(IEEE_TESTS) == set(FORWARD_OPS)
+    missing = {op: where for op, where in IEEE_TESTS.items() if not defines_test(*where)}
+    assert not missing, missing
+    here = {op for op, (path, _) in IEEE_TESTS.items() if path == "cross/test_ieee_ops.py"}
+    covered = set(HAAR) | {fn.__name__ for fn, _ in ISTA.values()} | {"geglu"}
+    assert here == covered, here ^ covered
 
 
 # ------------------------------------------------------------------------------------------ ISTA

@@ -5,8 +5,9 @@ import ast
 import pathlib
 
 import pytest
+from helpers import ROOT as REPO_ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(REPO_ROOT)
 PKG = ROOT / "leanvae_kernels"
 
 

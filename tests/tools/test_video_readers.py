@@ -10,11 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
 from leanvae import video
 from leanvae.video import VideoError, psnr, read_video, video_reader, write_video
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cv2 = pytest.importorskip("cv2", reason="OpenCV (opencv-python-headless) is not installed")
 try:
     import av

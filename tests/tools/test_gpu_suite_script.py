@@ -10,8 +10,8 @@ import tarfile
 import time
 
 import pytest
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
 STAGES = ("build", "gpu-tests", "bench", "e2e", "parallel", "compile", "sanitizer", "report")
 
