@@ -4,9 +4,18 @@ Without a GPU, Triton kernels run on CPU tensors through the interpreter; TRITON
 before any Triton kernel is defined, hence here, before the package is imported by the tests.
 """
 import os
+import sys
 
 import pytest
 import torch
+
+# Test modules import shared helpers from each other across the folders (e.g. the model tests reuse
+# test_published_parity's seeded weights): every test folder is importable whichever file runs alone.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+for _dir, _subdirs, _files in os.walk(_TESTS):
+    _subdirs[:] = sorted(d for d in _subdirs if not d.startswith((".", "_")) and d not in ("data", "emulation"))
+    if _dir != _TESTS and any(f.startswith("test_") for f in _files) and _dir not in sys.path:
+        sys.path.append(_dir)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -13,7 +13,6 @@ import leanvae
 from leanvae.loading import (SHORT_NAMES, CheckpointError, load_model, parse_device, read_checkpoint,
                              resolve_checkpoint)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hub_cache  # noqa: E402
 
 pytest.importorskip("huggingface_hub", reason="the hub extra (huggingface_hub) is not installed")

@@ -35,7 +35,7 @@ from leanvae.video import write_video  # noqa: E402
 TINY = dict(embedding_dim=48, l_dim=16, h_dim=32, sep_num_layer=1, fusion_num_layer=1)
 OPTS = dict(frames=5, videos_per_shard=2, workers=0, quiet=True)
 CLI_OPTS = ["--frames", "5", "--videos-per-shard", "2", "--workers", "0", "-q"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 

@@ -12,7 +12,7 @@ from leanvae.cli import main
 from leanvae_kernels import _selfcheck
 from leanvae_kernels.ops import ista
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 PUBLIC_OPS = ("haar_dwt3d", "haar_dwt2d", "haar_idwt3d", "haar_idwt2d", "haar_patch", "haar_unpatch",
               "haar_latent_compress", "haar_latent_decompress", "causal_dwconv3d", "ista_step", "ista_residual_step",
               "ista_init_step", "soft_threshold", "geglu")

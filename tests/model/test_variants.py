@@ -27,7 +27,7 @@ import leanvae
 from leanvae.model import WAN_LATENT_STATS
 from test_published_parity import GOLDEN_REL_BOUND, IMAGE_SHAPE, SMALL, VIDEO_SHAPES, checksum, load_published, seeded_weights
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+from helpers import DATA  # noqa: E402
 FIXTURES = {"wan2.1": os.path.join(DATA, "published_wan21_golden.pt"), "wan2.2": os.path.join(DATA, "published_wan22_golden.pt")}
 CONFIGS = {"wan2.1": dict(SMALL, latent_dim=16), "wan2.2": dict(SMALL, embedding_dim=64, l_dim=16, h_dim=48, latent_dim=48)}
 LIVE_SRC = {"wan2.1": os.environ.get("LEANVAE_PUBLISHED_WAN21_SRC"), "wan2.2": os.environ.get("LEANVAE_PUBLISHED_WAN22_SRC")}

@@ -19,6 +19,7 @@ import leanvae  # noqa: E402
 from leanvae.cli import main  # noqa: E402
 from leanvae.diffusers import AutoencoderLeanVAE  # noqa: E402
 from leanvae.model import WAN_LATENT_STATS  # noqa: E402
+from helpers import ROOT  # noqa: E402
 from test_published_parity import seeded_weights  # noqa: E402
 
 TINY = dict(embedding_dim=32, l_dim=8, h_dim=24, sep_num_layer=1, fusion_num_layer=1, ista_iter_num=1,
@@ -276,7 +277,7 @@ def test_import_leanvae_does_not_import_diffusers():
     code = ("import sys, leanvae, leanvae.cli, leanvae.loading; leanvae.LeanVAE.from_config('wan2.1', embedding_dim=32, "
             "l_dim=8, h_dim=24); leanvae.cli.build_parser(); print('diffusers' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
+                         cwd=ROOT)
     assert run.stdout.strip() == "False", run.stderr
 
 

@@ -13,7 +13,7 @@ import leanvae_kernels as lk
 from leanvae_kernels import BackendUnavailable
 from leanvae_kernels.ops import ista
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 
 
 def _package_sources():

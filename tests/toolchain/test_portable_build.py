@@ -26,7 +26,7 @@ from helpers import assert_close
 import leanvae_kernels as lk
 from leanvae_kernels import _native
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 
 
 def _cpu_module():
