@@ -68,7 +68,7 @@ else
     exit 2
   fi
   device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-  # Sized to issue 13: build < 2 min, correctness < 3, ops < 2, end to end < 3; compile and sanitizer last.
+  # Stage budgets: build < 2 min, correctness < 3, ops < 2, end to end < 3; compile and sanitizer last.
   declare -A T_MAX=([build]=150 [check]=120 [gpu-tests]=180 [bench]=150 [e2e]=180 [parallel]=120 [compile]=120 [sanitizer]=120 [report]=30)
 fi
 declare -A T_MIN=([build]=20 [check]=10 [gpu-tests]=30 [bench]=30 [e2e]=30 [parallel]=30 [compile]=40 [sanitizer]=30 [report]=5)

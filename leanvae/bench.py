@@ -16,7 +16,7 @@ import torch
 
 from .model import LeanVAE
 
-# Agreement required of the fused model. float32: max relative error against the reference (issue #6).
+# Agreement required of the fused model. float32: max relative error against the reference.
 # float16/bfloat16: judged against the float32 model (DESIGN.md): the fused path's relative RMS error must
 # be no larger than LOW_SLACK times the reference's own low-precision error (+ LOW_ABS). In bfloat16 the
 # reference itself is about 1% RMS from float32, so fused-vs-reference compares two noisy paths; that

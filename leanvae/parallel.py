@@ -1,5 +1,5 @@
 """Patch-parallel encode and decode: one clip split into bands of token rows across the ranks of a
-`torch.distributed` process group, with a result equal to the single-process one (issue 12).
+`torch.distributed` process group, with a result equal to the single-process one.
 
     import leanvae.parallel as lp
     rows = lp.split_rows(H // 8, world_size)               # token rows per rank, uneven allowed

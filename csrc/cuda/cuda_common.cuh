@@ -56,7 +56,7 @@ struct DeviceScalar {
 };
 
 // Makes `device` current for its scope and restores the caller's current device on exit (also when a
-// launch throws), so that a kernel call on cuda:1 never leaves torch's thread on cuda:1 (issue 13, item 9).
+// launch throws), so that a kernel call on cuda:1 never leaves torch's thread on cuda:1.
 // bindings.cpp holds one around every call into this module; set_device() below is then a no-op.
 class DeviceGuard {
  public:

@@ -227,7 +227,9 @@ def _native_fns(backend, suffix="", tile=None, run=None):
     Kernels read x, cache and the gradients with their strides (no copy); outputs are contiguous.
     """
     rows, cols = _WGRAD_TILE[tile or backend]
-    run = run or _native.run
+    if run is None:  # looked up per call, as the other ops do, so a wrapper of _native.run sees these kernels too
+        def run(*args, **kwargs):
+            return _native.run(*args, **kwargs)
 
     def forward(x, weight, bias, cache, residual, group_size):
         b, t, h, w, c = x.shape

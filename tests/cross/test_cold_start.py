@@ -1,4 +1,4 @@
-"""Cold start (issue 10 item 12): the first fused call on CPU tensors must not import Triton (nor
+"""Cold start: the first fused call on CPU tensors must not import Triton (nor
 torch._dynamo, which imports Triton and cost ~0.9 s on the first call) unless a Triton kernel runs."""
 import json
 import os

@@ -1,5 +1,5 @@
 """Forward-mode AD and double backward through every registered op: a clear error naming the op, never
-silent zero tangents (issue 10 item 8). The refusal is installed centrally (ops/_common.py) on every op
+silent zero tangents. The refusal is installed centrally (ops/_common.py) on every op
 of the namespace, so this test walks the same table as the opcheck test (op_table.py), backward ops included."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""IEEE semantics of the ISTA, Haar and GEGLU ops (issue 10 item 10): with +Inf, -Inf and NaN in the inputs, every
+"""IEEE semantics of the ISTA, Haar and GEGLU ops: with +Inf, -Inf and NaN in the inputs, every
 backend gives the NaN/Inf pattern of the `reference` backend, and the same finite values (within the
 table's tolerance). The soft threshold's cases are in test_soft_threshold.py.
 

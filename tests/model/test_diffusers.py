@@ -233,7 +233,7 @@ def test_convert_errors_are_one_line(tmp_path, capsys):
     (busy / "x").write_text("x")
     cases = [
         ([str(tmp_path / "missing.ckpt"), str(tmp_path / "o1")], "not found"),
-        ([str(bad), str(tmp_path / "o2")], "cannot read"),
+        ([str(bad), str(tmp_path / "o2")], "not a readable torch checkpoint"),
         ([str(wrong), str(tmp_path / "o3")], "of the wrong shape"),
         ([str(bad), str(busy)], "--overwrite"),
     ]

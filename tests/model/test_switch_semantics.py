@@ -1,5 +1,5 @@
-"""Semantics of repeated switching (layers), pickling, user subclasses and models with nothing to switch
-(issue 10 items 1-4). The switch's contract is in leanvae/fused/switch.py's docstring."""
+"""Semantics of repeated switching (layers), pickling, user subclasses and models with nothing to switch.
+The switch's contract is in leanvae/fused/switch.py's docstring."""
 import copy
 import io
 import os

@@ -108,7 +108,7 @@ def test_emulated_cuda_int64_offsets(emu):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: DTYPE_IDS[d])
 def test_emulated_cuda_mixed_dtypes_between_levels(emu, dtype):
-    # The latent transforms' levels: 16-bit in -> float32 out, float32 in -> 16-bit out (issue 10 item 6),
+    # The latent transforms' levels: 16-bit in -> float32 out, float32 in -> 16-bit out,
     # both directions, against the CPU kernels (same float32 arithmetic, one rounding at the end).
     z = torch.randn(1, 2, 8, 6, 10).to(dtype)
     lll = ((0,) + (-1,) * 7, 1)

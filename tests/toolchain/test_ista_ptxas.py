@@ -1,4 +1,4 @@
-"""ptxas for sm_90 (setup.py's flags): the ISTA step CUDA kernels do not spill (issue 13).
+"""ptxas for sm_90 (setup.py's flags): the ISTA step CUDA kernels do not spill.
 
 At d = 4 and 16 (the model's, DMAX 4 and 16) and, since the backward's d > 16 path accumulates 16 phi rows
 per pass, at d <= 64 too (DMAX 64 spilled 544-576 bytes at 255 registers before). One compile of

@@ -158,3 +158,29 @@ def test_info_op_table_columns_are_aligned(capsys):
     assert rows
     starts = {line.index(" cpu ") if " cpu " in line else line.index(" cuda ") for line in rows}
     assert len(starts) == 1, rows  # the device column starts at the same place on every row
+
+
+# The commands that joined the others later (check, convert, verify, decode) walk the same way.
+LATER = [
+    (["check", "--device", "bogus"], ["device", "'bogus'"]),
+    (["check", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["convert"], ["checkpoint, out_dir"]),
+    (["convert", "CKPT", "OUT", "--variant", "wan9"], ["--variant", "wan9"]),
+    (["convert", "MISSING", "OUT"], ["not found"]),
+    (["convert", "NOT_A_CHECKPOINT", "OUT"], ["not a readable torch checkpoint", "torch.save"]),
+    (["verify", "MISSING"], ["is not a folder"]),
+    (["decode", "MISSING", "--out", "OUT"], ["index.jsonl"]),
+]
+if not HAS_CUDA:
+    LATER.append((["check", "--device", "cuda"], ["no CUDA device"]))
+
+
+@pytest.mark.parametrize("argv, needles", LATER, ids=[" ".join(a) for a, _ in LATER])
+def test_later_commands_bad_input(argv, needles, tmp_path, capsys):
+    if argv[0] == "convert" and len(argv) > 1:
+        pytest.importorskip("diffusers")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    names = {"CKPT": str(junk), "OUT": str(tmp_path / "out"), "MISSING": str(tmp_path / "missing"),
+             "NOT_A_CHECKPOINT": str(junk)}
+    assert_one_line_error([names.get(a, a) for a in argv], capsys, *needles)

@@ -1,4 +1,4 @@
-"""leanvae.parallel (issue 12): a clip split into bands of token rows across 2, 3 and 4 gloo ranks gives
+"""leanvae.parallel: a clip split into bands of token rows across 2, 3 and 4 gloo ranks gives
 the single-process result, encode and decode, untiled and temporally tiled, reference and fused conv;
 and the error paths raise clearly on every rank instead of hanging.
 

@@ -177,7 +177,7 @@ def test_bad_input(call, err, match):
         call()
 
 
-# ------------------------------------------------- float32 between levels (issue 10 item 6)
+# ------------------------------------------------- float32 between levels
 def _hhh_checkerboard(c, n, dtype):
     """z whose level-1 LLL band is +/-2*sqrt2*c in the HHH pattern of each 2x2x2 block of LLL samples:
     at c = 3e4 the band between levels (8.5e4) overflows float16, while every kept coarsest band (LLL,
