@@ -110,6 +110,27 @@ def load_published(src):
     return importlib.import_module("LeanVAE.models.autoencoder").LeanVAE
 
 
+def assert_matches_golden(ours, golden):
+    """Every output in `ours` equals the golden output of the same name within GOLDEN_REL_BOUND of its scale."""
+    assert sorted(ours) == sorted(golden)
+    for k, expected in golden.items():
+        # Same operations in the same order, but possibly another CPU: the fixture was written on one
+        # machine, and torch's float32 GEMMs pick a kernel by CPU capability (AVX2 / AVX-512), which
+        # changes the order of the K-term sums and so the last bits. The outputs are therefore judged
+        # relative to their own scale, not element by element: max|ours - published| / max|published|.
+        # Measured: 0 on the AVX2 machine that wrote the fixture, up to 1.0e-6 (about 9 float32 ulps of
+        # the largest output) on an AVX-512 machine. The bound, 1e-5 (~84 ulps), leaves room for other
+        # GEMM kernels through the ~20 layers of GEMMs and convolutions, and is still 10x tighter than the
+        # fused model's own bound (1e-4) and far below what a real difference causes (one wrong tap,
+        # coefficient or layer order gives 1e-3 or more). Same-machine comparisons stay bitwise
+        # (test_live_against_published_default_config, the tiling and checkpoint tests).
+        assert ours[k].shape == expected.shape and ours[k].dtype == expected.dtype, k
+        assert torch.isfinite(ours[k]).all(), k
+        scale = expected.abs().max().item()
+        err = (ours[k] - expected).abs().max().item()
+        assert err <= GOLDEN_REL_BOUND * scale, f"{k}: max |diff| {err:.3e} > {GOLDEN_REL_BOUND:g} x max |published| ({scale:.3e})"
+
+
 def write_fixture(src):
     Published = load_published(src)
     model = Published(argparse.Namespace(**SMALL)).eval()
@@ -130,23 +151,7 @@ def test_golden_fixture_matches_published_outputs():
     )
     model.load_state_dict(sd, strict=True)
     ours = run_model(model)
-    assert sorted(ours) == sorted(fixture["outputs"])
-    for k, expected in fixture["outputs"].items():
-        # Same operations in the same order, but possibly another CPU: the fixture was written on one
-        # machine, and torch's float32 GEMMs pick a kernel by CPU capability (AVX2 / AVX-512), which
-        # changes the order of the K-term sums and so the last bits. The outputs are therefore judged
-        # relative to their own scale, not element by element: max|ours - published| / max|published|.
-        # Measured: 0 on the AVX2 machine that wrote the fixture, up to 1.0e-6 (about 9 float32 ulps of
-        # the largest output) on an AVX-512 machine. The bound, 1e-5 (~84 ulps), leaves room for other
-        # GEMM kernels through the ~20 layers of GEMMs and convolutions, and is still 10x tighter than the
-        # fused model's own bound (1e-4) and far below what a real difference causes (one wrong tap,
-        # coefficient or layer order gives 1e-3 or more). Same-machine comparisons stay bitwise
-        # (test_live_against_published_default_config, the tiling and checkpoint tests).
-        assert ours[k].shape == expected.shape and ours[k].dtype == expected.dtype, k
-        assert torch.isfinite(ours[k]).all(), k
-        scale = expected.abs().max().item()
-        err = (ours[k] - expected).abs().max().item()
-        assert err <= GOLDEN_REL_BOUND * scale, f"{k}: max |diff| {err:.3e} > {GOLDEN_REL_BOUND:g} x max |published| ({scale:.3e})"
+    assert_matches_golden(ours, fixture["outputs"])
 
 
 def test_golden_bound_catches_a_small_real_difference():

@@ -25,7 +25,7 @@ import torch
 
 import leanvae
 from leanvae.model import WAN_LATENT_STATS
-from test_published_parity import GOLDEN_REL_BOUND, IMAGE_SHAPE, SMALL, VIDEO_SHAPES, checksum, load_published, seeded_weights
+from test_published_parity import IMAGE_SHAPE, assert_matches_golden, SMALL, VIDEO_SHAPES, checksum, load_published, seeded_weights
 
 from helpers import DATA  # noqa: E402
 FIXTURES = {"wan2.1": os.path.join(DATA, "published_wan21_golden.pt"), "wan2.2": os.path.join(DATA, "published_wan22_golden.pt")}
@@ -91,15 +91,7 @@ def test_golden_fixture_matches_branch_outputs(variant):
         "seeded weights differ from those the fixture was made with (torch RNG changed?); regenerate the fixture"
     )
     ours = run_variant(model)
-    assert sorted(ours) == sorted(fixture["outputs"])
-    for k, expected in fixture["outputs"].items():
-        # Judged relative to the output's scale, as in test_published_parity (same operations in the same
-        # order; only another CPU's GEMM kernels can change the last bits).
-        assert ours[k].shape == expected.shape and ours[k].dtype == expected.dtype, k
-        assert torch.isfinite(ours[k]).all(), k
-        scale = expected.abs().max().item()
-        err = (ours[k] - expected).abs().max().item()
-        assert err <= GOLDEN_REL_BOUND * scale, f"{k}: max |diff| {err:.3e} > {GOLDEN_REL_BOUND:g} x max |published| ({scale:.3e})"
+    assert_matches_golden(ours, fixture["outputs"])  # relative to each output's scale
 
 
 @pytest.mark.parametrize("variant", ["wan2.1", "wan2.2"])
