@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from .video import VideoError, read_video
+from .video import VideoError, read_video, release_conversion_threads
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".gif", ".ts")
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".lst")
@@ -136,9 +136,15 @@ def load_clips(path, frames=17, stride=None, max_clips=None, whole=False, size=N
 class VideoClipDataset(torch.utils.data.Dataset):
     """Map-style dataset over videos: item i is (i, path, info, clips, error) for `videos[i]`, clips a list
     of (first_frame, uint8 tensor (T, H, W, 3)); a bad video gives error (its reason) and no clips instead of
-    raising, so a DataLoader worker never dies on it. `tensors=False` gives the clips as numpy arrays."""
+    raising, so a DataLoader worker never dies on it. `tensors=False` gives the clips as numpy arrays.
+
+    Forked DataLoader workers: the constructor leaves the calling thread's PyAV conversion context without a
+    thread pool (`leanvae.video.release_conversion_threads`), which a forked worker would otherwise inherit
+    without its threads and hang on; if this process converts frames with PyAV's own defaults after building
+    the dataset, call that function again before iterating."""
 
     def __init__(self, videos, tensors=True, **clip_options):
+        release_conversion_threads()
         self.videos = list(videos)
         self.tensors = tensors
         self.clip_options = clip_options

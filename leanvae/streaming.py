@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from .video import _INSTALL, VideoError, _import, _resolve
+from .video import _INSTALL, VideoError, _import, _resolve, sws_options
 
 
 def _set_first_chunk(roots, first):
@@ -203,8 +203,9 @@ class VideoSource:
     def __iter__(self):
         try:
             if self.lib == "pyav":
+                sws = sws_options(_import("av"))
                 for frame in self._container.decode(self._container.streams.video[0]):
-                    yield frame.to_ndarray(format="rgb24")
+                    yield frame.to_ndarray(format="rgb24", **sws)
             else:
                 cv2 = _import("cv2")
                 while True:
@@ -283,8 +284,10 @@ class VideoSink:
         try:
             if self.lib == "pyav":
                 av = _import("av")
+                sws = sws_options(av)
                 for f in frames:
-                    for packet in self._stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24").reformat(format="yuv420p", **sws)
+                    for packet in self._stream.encode(frame):
                         self._container.mux(packet)
             else:
                 cv2 = _import("cv2")

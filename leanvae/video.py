@@ -45,6 +45,31 @@ def _resolve(choice, what):
     raise VideoError(f"video {what} {choice!r} was asked for, but it is not installed: {_INSTALL[choice]}")
 
 
+def sws_options(av):
+    """Keyword arguments for PyAV's frame conversions (`to_ndarray`, `reformat`): one conversion thread.
+
+    From PyAV 17 a conversion uses a pool of threads by default, and from 18 the conversion context (with its
+    pool) is kept per thread and reused. A DataLoader worker forked from a process whose main thread has such
+    a context inherits it without the pool's threads; the worker's first conversion with other settings frees
+    it and waits forever for threads that do not exist (seen here: `leanvae encode --workers 1` hung in
+    `avpriv_slicethread_free`). One thread per conversion keeps the context free of a pool in every process
+    (the workers decode in parallel instead). Older PyAV has no such argument and needs none."""
+    major = int(str(getattr(av, "__version__", "0")).split(".")[0] or 0)
+    return {"threads": 1} if major >= 17 else {}
+
+
+def release_conversion_threads():
+    """Before forking workers: leave this thread's PyAV conversion context without a thread pool (see
+    `sws_options`), in case code outside this module converted frames with PyAV's default settings here."""
+    av = _import("av")
+    if av is None or not sws_options(av):
+        return
+    try:
+        av.VideoFrame(16, 16, "yuv420p").reformat(format="rgb24", **sws_options(av))
+    except Exception:  # noqa: BLE001 - best effort; the workers' own conversions use one thread either way
+        pass
+
+
 def video_reader(reader=None):
     """The reader `read_video` uses: `reader`, else $LEANVAE_VIDEO_READER, else 'auto' (PyAV when installed,
     else OpenCV). Returns 'pyav' or 'opencv'; VideoError when the one asked for (or any) is missing."""
@@ -72,6 +97,7 @@ def read_video(path, max_frames=None, reader=None):
 def _read_pyav(path, max_frames):
     av = _import("av")
     frames = []
+    sws = sws_options(av)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -79,7 +105,7 @@ def _read_pyav(path, max_frames):
             stream = container.streams.video[0]
             fps = float(stream.average_rate) if stream.average_rate else 24.0
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(frame.to_ndarray(format="rgb24", **sws))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except VideoError:
@@ -185,8 +211,10 @@ def _encode(av, path, frames, fps):
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if codec == "libx264":
             stream.options = {"crf": "10"}
+        sws = sws_options(av)
         for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24").reformat(format="yuv420p", **sws)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

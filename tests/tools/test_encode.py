@@ -69,6 +69,23 @@ def single(dataset):
     return out, summary
 
 
+def test_workers_do_not_hang_after_pyav_conversions_in_the_parent(dataset, tmp_path):
+    """PyAV >= 18 keeps each thread's frame-conversion context, with a pool of threads by default; a forked
+    DataLoader worker that inherits one without its threads hung on its first conversion. The parent here
+    converts a frame with PyAV's defaults first, then encodes with one worker: it must finish."""
+    code = ("import av, sys; av.VideoFrame(64, 64, 'yuv420p').reformat(format='rgb24'); "
+            "from leanvae.cli import main; sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", code, "encode", dataset["good"][0], "--out", str(tmp_path / "out"),
+           "--checkpoint", dataset["ckpt"]] + CLI_OPTS
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("encode with a DataLoader worker did not finish in 90 s (a worker hung converting frames)")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "out" / "shards.jsonl").is_file()
+
+
 @pytest.fixture(scope="module")
 def torchrun(dataset):
     out = str(dataset["root"] / "torchrun")
