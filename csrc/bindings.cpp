@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "common/kernel_args.h"
+#include "cuda/ista_step_shape.h"
 
 #ifndef LEANVAE_MODULE_NAME
 #error "LEANVAE_MODULE_NAME must be defined by the build"
@@ -67,6 +68,17 @@ PYBIND11_MODULE(LEANVAE_MODULE_NAME, m) {
   m.attr("BUILD_INFO") = LEANVAE_BUILD_INFO;
   m.attr("REQUIRED_ISA") = kRequiredIsaRecord + sizeof("leanvae-required-isa=") - 1;
   m.def("kernels", &kernel_names, "Names of the kernels in this module.");
+  m.def(
+      "cuda_ista_launch",
+      [](int mode, int d, int D) {
+        namespace is = leanvae::cuda::ista;
+        if (mode < is::kStep || mode > is::kInit || d < 1 || D < 1)
+          throw std::invalid_argument("cuda_ista_launch: needs mode 0..2, d >= 1, D >= 1");
+        return std::make_tuple(is::block_threads(D), is::fwd_smem(mode, d, D), is::bwd_smem(mode, d, D));
+      },
+      py::arg("mode"), py::arg("d"), py::arg("D"),
+      "The CUDA ISTA step kernels' launch shape for (mode, d, D): (threads per block, forward shared memory "
+      "bytes, backward shared memory bytes); csrc/cuda/ista_step_shape.h, the definition the launchers use.");
   m.def(
       "call",
       [](const std::string& name, const std::vector<PyTensor>& tensors, const std::vector<int64_t>& ints,

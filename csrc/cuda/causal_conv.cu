@@ -141,7 +141,6 @@ template <bool BWD>
 void launch_conv(const KernelArgs& a) {
   const cc::ConvParams p = cc::make_conv_params(a, BWD);
   if (p.B * p.H * p.W * p.C == 0) return;
-  set_device(a);
   int64_t ncb, nwb, nhb, blocks, s_lo, s_a, s_b, s_hi;
   cc::conv_grid<BWD>(p, ncb, nwb, nhb, blocks);
   cc::conv_steps(p, BWD, s_lo, s_a, s_b, s_hi);
@@ -164,7 +163,6 @@ void causal_dwconv3d_bwd_weight_cuda(const KernelArgs& a) {
   const cc::WgradParams p = cc::make_wgrad_params(a, &n_parts);
   const TensorView &gw = a.t(3), &gb = a.t(4);
   if (!gw.is_contiguous() || !gb.is_contiguous()) throw std::invalid_argument(a.name + ": gw27 and gb must be contiguous");
-  set_device(a);
   const int64_t ncvb = ((p.C + cc::kV - 1) / cc::kV + 31) / 32;
   const int64_t nwb = (p.W + cc::kWY * cc::kWPW - 1) / (cc::kWY * cc::kWPW), nhb = (p.H + p.rows - 1) / p.rows;
   dispatch_float(a.t(0).dtype, a.name, [&](auto tag) {

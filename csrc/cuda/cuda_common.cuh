@@ -57,7 +57,7 @@ struct DeviceScalar {
 
 // Makes `device` current for its scope and restores the caller's current device on exit (also when a
 // launch throws), so that a kernel call on cuda:1 never leaves torch's thread on cuda:1.
-// bindings.cpp holds one around every call into this module; set_device() below is then a no-op.
+// bindings.cpp holds one around every call into this module, so every launcher runs on args.device.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
@@ -77,15 +77,6 @@ class DeviceGuard {
   int previous_ = 0;
   bool switched_ = false;
 };
-
-// Called by each launcher; inside the DeviceGuard of the module's entry point the device is already
-// current, so this only ever sets it when a launcher is called some other way (and then the caller owns
-// the restore).
-inline void set_device(const KernelArgs& args) {
-  int current = -1;
-  LEANVAE_CUDA_CHECK(cudaGetDevice(&current));
-  if (current != args.device) LEANVAE_CUDA_CHECK(cudaSetDevice(args.device));
-}
 
 inline cudaStream_t stream_of(const KernelArgs& args) { return static_cast<cudaStream_t>(args.stream); }
 

@@ -53,7 +53,6 @@ void haar_analysis_cuda(const KernelArgs& a) {
   if (x.numel() == 0 || g.parts == 0) return;
   dim3 grid;
   launch_dims(g, x.shape[0] * x.shape[1], a.name, grid);
-  set_device(a);
   const BandMap bm = band_map(a);
   dispatch_io(x.dtype, (has_xv ? xv : xi).dtype, a.name, [&](auto ti, auto to) {
     using TI = decltype(ti);
@@ -71,7 +70,6 @@ void haar_synthesis_cuda(const KernelArgs& a) {
   if (y.numel() == 0 || g.parts == 0) return;
   dim3 grid;
   launch_dims(g, y.shape[0] * y.shape[1], a.name, grid);
-  set_device(a);
   const BandMap bm = band_map(a);
   dispatch_io((has_xv ? xv : xi).dtype, y.dtype, a.name, [&](auto ti, auto to) {
     using TI = decltype(ti);

@@ -11,8 +11,12 @@
 // over the rows per 16 phi rows) over a block of `rows_per_partial` rows and writes one partial per
 // block, as the CPU kernel does.
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "cuda_common.cuh"
 #include "ista_step_plan.h"
@@ -37,20 +41,64 @@ __global__ void _ista_step_bwd_kernel(StepParams p) {
 }
 
 // ---------------------------------------------------------------------------------------- launch
+// What a launch needs from the device, asked once per device and per (kernel, block shape) and kept for the
+// process: the opt-in shared memory limit and SM count do not change, and a kernel's occupancy at a given
+// block size and shared memory is fixed. The dynamic shared memory limit of a kernel is raised to the
+// largest size it has been launched with on that device (never lowered: a cached larger launch must
+// still fit).
+struct DeviceLimits {
+  int max_optin = 0;
+  int sms = 0;
+};
+
+std::mutex& plan_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+DeviceLimits device_limits(int device) {
+  static std::map<int, DeviceLimits> cache;
+  std::lock_guard<std::mutex> lock(plan_mutex());
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  DeviceLimits l;
+  LEANVAE_CUDA_CHECK(cudaDeviceGetAttribute(&l.max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  LEANVAE_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device));
+  cache.emplace(device, l);
+  return l;
+}
+
+template <class Kernel>
+int resident_per_sm(Kernel kernel, int device, int threads, size_t smem) {
+  static std::map<std::pair<const void*, int>, size_t> smem_set;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> occupancy;
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  std::lock_guard<std::mutex> lock(plan_mutex());
+  const auto key = std::make_tuple(fn, device, threads, smem);
+  auto it = occupancy.find(key);
+  if (it != occupancy.end()) return it->second;
+  size_t& raised = smem_set[{fn, device}];
+  if (smem > raised) {
+    LEANVAE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    raised = smem;
+  }
+  int per_sm = 0;
+  LEANVAE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  occupancy.emplace(key, per_sm);
+  return per_sm;
+}
+
+// The module's entry point (bindings.cpp) has made a.device current (DeviceGuard).
 template <class Kernel>
 void launch(const KernelArgs& a, Kernel kernel, const Launch& l, int64_t work_items, const StepParams& p) {
-  int max_optin = 0, sms = 0;
-  LEANVAE_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, a.device));
-  LEANVAE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device));
-  if (l.threads > kMaxThreads || l.smem > static_cast<size_t>(max_optin))
+  const DeviceLimits dev = device_limits(a.device);
+  if (l.threads > kMaxThreads || l.smem > static_cast<size_t>(dev.max_optin))
     throw std::invalid_argument(a.name + ": D = " + std::to_string(p.D) + ", d = " + std::to_string(p.d) +
                                 " needs " + std::to_string(l.threads) + " threads and " + std::to_string(l.smem) +
                                 " bytes of shared memory per block; this kernel supports D <= 4096 and " +
-                                std::to_string(max_optin) + " bytes");
-  LEANVAE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.smem)));
-  int per_sm = 0;
-  LEANVAE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, l.threads, l.smem));
-  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+                                std::to_string(dev.max_optin) + " bytes");
+  const int per_sm = resident_per_sm(kernel, a.device, l.threads, l.smem);
+  const int64_t resident = static_cast<int64_t>(dev.sms) * (per_sm > 0 ? per_sm : 1);
   const int grid = static_cast<int>(work_items < resident ? work_items : resident);
   kernel<<<grid, l.threads, l.smem, stream_of(a)>>>(p);
   LEANVAE_CUDA_CHECK_LAUNCH(a);
@@ -63,7 +111,6 @@ void ista_step_fwd_cuda(const KernelArgs& a) {
   StepParams p = common_params(a, mode, src, y, phi, w, out, u);
   if (p.n == 0) return;
   p.out = out.data;
-  set_device(a);
   dispatch_float(out.dtype, a.name, [&](auto tag) {
     using T = decltype(tag);
     p.vec = fwd_vec(p, mode, src, u, out, sizeof(T));
@@ -85,7 +132,6 @@ void ista_step_bwd_cuda(const KernelArgs& a) {
   p.rows_per_partial = a.i(1);
   if (p.rows_per_partial <= 0 || p.rows_per_partial % kBwdRows != 0)
     throw std::invalid_argument(a.name + ": rows_per_partial must be a positive multiple of 4");
-  set_device(a);
   if (p.n == 0) {
     LEANVAE_CUDA_CHECK(cudaMemsetAsync(part_phi.data, 0, part_phi.numel() * sizeof(float), stream_of(a)));
     LEANVAE_CUDA_CHECK(cudaMemsetAsync(part_w.data, 0, part_w.numel() * sizeof(float), stream_of(a)));

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "ista_step_shape.h"
 #include "lv_sync.cuh"
 #ifdef __CUDACC__
 #include "cuda_common.cuh"
@@ -13,9 +14,6 @@ namespace leanvae {
 namespace cuda {
 namespace ista {
 
-enum Mode : int { kStep = 0, kResidual = 1, kInit = 2 };
-constexpr int kCols = 4;        // columns per thread
-constexpr int kMaxThreads = 1024;
 constexpr unsigned kFull = 0xffffffffu;
 
 template <class T>
@@ -222,8 +220,6 @@ LV_DEV void fwd_body(const StepParams& p, LV_SPTR(float) smem) {
 
 // Backward: groups of kBwdRows rows; the dot products of the x rows and the grad rows go through one
 // reduction (2 * kBwdRows virtual rows).
-constexpr int kBwdRows = 4;
-
 // Backward, one block (`smem`: the launch's dynamic shared memory, plan() floats).
 template <class T, int MODE, int DMAX>
 LV_DEV void bwd_body(const StepParams& p, LV_SPTR(float) smem) {

@@ -23,25 +23,14 @@ struct Launch {
   size_t smem = 0;
 };
 
+// Threads and shared memory of a launch over DP padded phi rows with `red_rows` reduction rows
+// (ista_step_shape.h has the sizes, shared with the Python side's backend check).
 inline Launch plan(const StepParams& p, int mode, int red_rows) {
   Launch l;
-  l.threads = (p.D + kCols - 1) / kCols;
-  l.threads = (l.threads + 31) / 32 * 32;
-  const int warps = l.threads / 32;
-  const size_t tables = static_cast<size_t>(p.DP) * p.D4 * (mode == kInit ? 2 : 1);
-  // red_s: warps * (DP / KC) * 32 = warps * DP * red_rows; e_s, h_s: 4 * DP each (<= red_rows * DP); wred_s.
-  l.smem = (tables + static_cast<size_t>(warps) * p.DP * red_rows + 2 * static_cast<size_t>(red_rows) * p.DP + warps) *
-           sizeof(float);
+  l.threads = block_threads(p.D);
+  l.smem = smem_bytes(mode, p.D, p.DP, red_rows);
   return l;
 }
-
-// Forward: groups of 8 rows for small d (8 x 4 sums per reduction), else 4 rows x 8 phi rows; DP: phi rows
-// padded to the reduction's granularity.
-inline int fwd_rows(int d) { return d <= 4 ? 8 : 4; }
-inline int fwd_dp(int d) { return d <= 4 ? 4 : (d + 7) / 8 * 8; }
-// Backward: 8 virtual rows x 4 phi rows per reduction; DMAX: the grad_phi register specialisation.
-inline int bwd_dp(int d) { return (d + 3) / 4 * 4; }
-inline int bwd_dmax(int d) { return d <= 4 ? 4 : (d <= 16 ? 16 : 64); }
 
 // Whether every row base of the tensors a kernel reads and writes is aligned for 4-element accesses.
 inline bool fwd_vec(const StepParams& p, int mode, const TensorView& src, const TensorView* u, const TensorView& out,
@@ -79,7 +68,7 @@ inline StepParams common_params(const KernelArgs& a, int mode, const TensorView&
   p.n = rows_like.size(0);
   p.D = static_cast<int>(rows_like.size(1));
   p.d = static_cast<int>(phi.size(0));
-  p.D4 = ((p.D + kCols - 1) / kCols + 31) / 32 * 32 * kCols;
+  p.D4 = table_cols(p.D);
   p.w = DeviceScalar{w.data, w.dtype};
   if (rows_like.size(1) > 4096 || p.d > 64) throw std::invalid_argument(a.name + ": the cuda kernels support D <= 4096 and d <= 64");
   if (mode == kResidual && u == nullptr) throw std::invalid_argument(a.name + ": residual mode needs u");

@@ -36,7 +36,6 @@ void soft_threshold_fwd_cuda(const KernelArgs& a) {
   const TensorView &x = a.t(0), &theta = a.t(1), &out = a.t(2);
   const int64_t n = x.numel();
   if (n == 0) return;
-  set_device(a);
   dispatch_float(x.dtype, a.name, [&](auto tag) {
     using T = decltype(tag);
     const bool aligned = (reinterpret_cast<uintptr_t>(x.data) % 16 == 0) && (reinterpret_cast<uintptr_t>(out.data) % 16 == 0);
@@ -50,7 +49,6 @@ void soft_threshold_fwd_cuda(const KernelArgs& a) {
 void soft_threshold_bwd_cuda(const KernelArgs& a) {
   const TensorView &grad = a.t(0), &x = a.t(1), &theta = a.t(2), &grad_x = a.t(3), &partials = a.t(4);
   const int64_t block = a.i(0), n = x.numel();
-  set_device(a);
   if (n == 0) {
     LEANVAE_CUDA_CHECK(cudaMemsetAsync(partials.data, 0, sizeof(float), stream_of(a)));
     return;

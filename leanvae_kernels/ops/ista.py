@@ -12,6 +12,8 @@ share `_ista_step_{fwd,bwd}_kernel` (Triton, CUDA) / `ista_step_{fwd,bwd}_cpu` -
 "ista_step_fwd" / "ista_step_bwd" (an int `mode` selects the input) -> `torch.ops.leanvae.ista_*step`.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -293,21 +295,17 @@ def _cuda_max_smem(device):
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_smem_bytes(mode, d, big_d):
-    """Shared memory of the larger of the CUDA forward and backward launches for (mode, d, D): the `plan` of
-    csrc/cuda/ista_step.cu (4 columns per thread in whole warps; phi, and Q in mode 2, held as float tables;
-    forward row groups of 8 for d <= 4, else 4 rows over phi rows padded to 8; backward 8 rows over phi rows
-    padded to 4). The launcher checks the same figure against the device and raises if it does not fit."""
-    def cdiv(a, b):
-        return -(-a // b)
-
-    warps = cdiv(cdiv(big_d, 4), 32)
-    d4 = warps * 32 * 4
-    tables = 2 if mode == 2 else 1
-    fwd_dp, fwd_rows = (4, 8) if d <= 4 else (cdiv(d, 8) * 8, 4)
-    bwd_dp, bwd_rows = cdiv(d, 4) * 4, 8
-    return max((dp * d4 * tables + warps * dp * rows + 2 * rows * dp + warps) * 4
-               for dp, rows in ((fwd_dp, fwd_rows), (bwd_dp, bwd_rows)))
+    """Shared memory of the larger of the CUDA forward and backward launches for (mode, d, D), as the native
+    module computes it for its launchers (csrc/cuda/ista_step_shape.h, asked through `cuda_ista_launch`, not
+    re-derived here). The launcher checks the same figure against the device and raises if it does not fit."""
+    # Both native modules carry the function (the CPU one too, so the plan can be asked without a GPU).
+    mod = _native.module("cuda")[0] or _native.module("cpu")[0]
+    if mod is None:
+        raise RuntimeError("the CUDA ISTA launch plan needs a native module of leanvae-kernels; none is loaded")
+    _, fwd, bwd = mod.cuda_ista_launch(mode, d, big_d)
+    return max(fwd, bwd)
 
 
 def _step_support(backend):
