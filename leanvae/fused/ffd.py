@@ -72,10 +72,11 @@ def _geglu_backend(requested, device_type, dtype):
         # thread), and the fused float32 encode + decode at 0.98x with it; so the torch expression there. The
         # op is kept for 16-bit CPU inputs (1.28-1.30x) and on GPUs (one pass over U instead of two and a half).
         return None
-    candidates = [b for b in _backend._AUTO_ORDER.get(device_type, ()) if b != "reference"] if requested == "auto" else [requested]
-    for b in candidates:
-        if b != "reference" and _geglu_backends.status(b, device_type, dtype)[0]:
-            return b
+    if requested == "auto":  # the op's own choice (and its warning when a native module should be there)
+        chosen = _geglu_backends.choose("auto", device_type, dtype)
+        return None if chosen == "reference" else chosen
+    if requested != "reference" and _geglu_backends.status(requested, device_type, dtype)[0]:
+        return requested
     return None
 
 
