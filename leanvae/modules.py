@@ -58,6 +58,13 @@ class PEG3D(nn.Module):
     *padded* frames, `causal_cached: (B, D, 2, H+2, W+2)`), one pixel of zeros around H and W.
     """
 
+    #: None (the default, as published): the conv runs on all channels at once. An int N: without autograd,
+    #: on N channels at a time into one output. The conv is depthwise (each channel its own 27 taps), so each
+    #: channel's arithmetic is the same; only the conv's working memory (torch's CPU conv reorders its whole
+    #: input, about 2x the output) stops scaling with the channel count. Set by leanvae.tiling for the
+    #: duration of a tiled call.
+    channel_slice = None
+
     def __init__(self, dim):
         super().__init__()
         self.ds_conv = nn.Conv3d(in_channels=dim, out_channels=dim, kernel_size=(3, 3, 3), groups=dim)
@@ -76,8 +83,24 @@ class PEG3D(nn.Module):
             self.causal_cached = x[:, :, -2:].clone()
         else:
             x = F.pad(x, (1, 1, 1, 1, 2, 0), value=0.0)
-        x = self.ds_conv(x.contiguous())
+        x = self._conv(x.contiguous())
         return x.permute(0, 2, 3, 4, 1)
+
+    def _conv(self, x):
+        """ds_conv(x), in slices of `channel_slice` channels when set (inference only)."""
+        conv, n = self.ds_conv, self.channel_slice
+        c = x.shape[1]
+        if n is None or torch.is_grad_enabled() or c <= n or type(conv) is not nn.Conv3d or conv.groups != c:
+            return conv(x)
+        out = None
+        for s in range(0, c, n):
+            bias = conv.bias[s : s + n] if conv.bias is not None else None
+            y = F.conv3d(x[:, s : s + n], conv.weight[s : s + n], bias, conv.stride, conv.padding, conv.dilation,
+                         groups=min(n, c - s))
+            if out is None:
+                out = y.new_empty((y.shape[0], c) + y.shape[2:])
+            out[:, s : s + n] = y
+        return out
 
 
 class GEGLU(nn.Module):
@@ -101,6 +124,13 @@ def ffd(dim, mult=4, dropout=0.0):
 class NAF(nn.Module):
     """`num_layer` x (PEG3D, then feed-forward), no residuals."""
 
+    #: None (the default, as published): each feed-forward runs on all tokens at once. An int N: without
+    #: autograd, on N tokens at a time, written into one output. The feed-forward is per token (LayerNorm,
+    #: two GEMMs, GEGLU), so each token's arithmetic is the same; only the 2 * int(8/3 * dim)-wide hidden
+    #: activation stops scaling with the number of tokens. leanvae.tiling sets it for the duration of a tiled
+    #: call, so that a tile's memory is set by its tokens' model width, not by the feed-forward's hidden width.
+    token_slice = None
+
     def __init__(self, num_layer, dim):
         super().__init__()
         self.num_layer = num_layer
@@ -113,8 +143,25 @@ class NAF(nn.Module):
     def forward(self, x):
         for i in range(self.num_layer):
             x = self.dconv_layer[i](x)
-            x = self.ffd_layer[i](x)
+            x = self.feed_forward(i, x)
         return x
+
+    def feed_forward(self, i, x, residual=False):
+        """ffd_layer[i](x), or x + ffd_layer[i](x) when `residual`; in slices of `token_slice` tokens when set."""
+        ffd = self.ffd_layer[i]
+        n = self.token_slice
+        d = x.shape[-1]
+        if n is None or torch.is_grad_enabled() or x.numel() <= n * d:
+            return x + ffd(x) if residual else ffd(x)
+        xt = x.reshape(-1, d)
+        out = torch.empty_like(xt, memory_format=torch.contiguous_format)
+        for s in range(0, xt.shape[0], n):
+            part = xt[s : s + n]
+            if residual:
+                torch.add(part, ffd(part), out=out[s : s + n])
+            else:
+                out[s : s + n] = ffd(part)
+        return out.view(x.shape)
 
 
 class ResNAF(NAF):
@@ -123,7 +170,7 @@ class ResNAF(NAF):
     def forward(self, x):
         for i in range(self.num_layer):
             x = x + self.dconv_layer[i](x)
-            x = x + self.ffd_layer[i](x)
+            x = self.feed_forward(i, x, residual=True)
         return x
 
 

@@ -32,6 +32,16 @@ runs each tile unchunked (the same arithmetic, without the caches), and each til
 before the next tile runs. The model's temporal-tiling switch is restored afterwards (an image switches it
 off, as the untiled call does).
 
+Layers in slices. Inside a tile (inference only) the feed-forwards run on slices of tokens
+(`NAF.token_slice`, sized so that one slice's hidden activation stays under FEED_FORWARD_SLICE_BYTES) and the
+depthwise convs on slices of channels (`PEG3D.channel_slice`): neither needs a halo for that, and otherwise
+the feed-forward's hidden activation (2730 values a token at the published width, 5.3x the model's 512) and
+torch's CPU conv working memory (about twice its output) would be the tile's largest tensors. The decoder
+runs on the tile plus its own reach only (the bottleneck's output is cropped to it, `ReceptiveField.decoder`)
+and the per-token unpatch and inverse Haar transform on the tile's own tokens. A tile then holds a few
+tensors of the model's width over its tokens, so its peak follows the tile size; an untiled call runs every
+layer over the whole clip, as published.
+
 Numerics. Tiled and untiled outputs are not always equal bit for bit: a GEMM's rounding depends on how
 many rows (tokens) it is called with (BLAS picks its blocking and vector paths from the shape), and the
 tile and the chunk change that count, as the published model's own chunked vs unchunked outputs differ
@@ -42,7 +52,10 @@ import contextlib
 
 import torch
 
-__all__ = ["ReceptiveField", "receptive_field", "check_tile_size", "tiled_encode", "tiled_decode", "tile_spans"]
+from .modules import NAF, PEG3D
+
+__all__ = ["ReceptiveField", "receptive_field", "check_tile_size", "tiled_encode", "tiled_decode", "tile_spans",
+           "sliced_layers", "bottleneck_output_tokens", "decoder_output_tokens"]
 
 # The probe's strip grows 33 -> 67 -> 135 tokens; a reach beyond this is treated as not local.
 _PROBE_START = 33
@@ -52,25 +65,29 @@ _CACHE = {}
 
 
 class ReceptiveField(tuple):
-    """(scale, encode, decode), measured on a model by `receptive_field`.
+    """(scale, encode, decode, decoder), measured on a model by `receptive_field`.
 
     scale:  pixels per latent token along H and W (8 for LeanVAE).
     encode, decode: ((before_h, after_h), (before_w, after_w)) in tokens: output token i along an axis
             depends on input tokens i - before .. i + after (pixel tokens of `scale` pixels for encode,
             latent tokens for decode).
+    decoder: the same for the part of decode after the bottleneck (the decoder and the inverse patch
+            transform, from the bottleneck's output tokens); None: not measured, the tiled decode then keeps
+            the bottleneck's whole output.
     """
 
     __slots__ = ()
 
-    def __new__(cls, scale, encode, decode):
-        return super().__new__(cls, (scale, encode, decode))
+    def __new__(cls, scale, encode, decode, decoder=None):
+        return super().__new__(cls, (scale, encode, decode, decoder))
 
     scale = property(lambda self: self[0])
     encode = property(lambda self: self[1])
     decode = property(lambda self: self[2])
+    decoder = property(lambda self: self[3])
 
     def __repr__(self):
-        return f"ReceptiveField(scale={self.scale}, encode={self.encode}, decode={self.decode})"
+        return f"ReceptiveField(scale={self.scale}, encode={self.encode}, decode={self.decode}, decoder={self.decoder})"
 
 
 def _signature(model):
@@ -98,6 +115,44 @@ def untiled_calls(model, temporal=None):
         del model._tiling_inner
         for m, v in saved:
             m.tile_inference = v
+
+
+#: Without autograd, a tile's feed-forwards run on slices of tokens whose hidden activation (LayerNorm ->
+#: Linear(D, 2I), the widest tensor of the model at 2I = 2730 values a token for D = 512) stays under this,
+#: and its depthwise convs on this many channels at a time.
+FEED_FORWARD_SLICE_BYTES = 16 << 20
+CONV_CHANNEL_SLICE = 64
+
+
+@contextlib.contextmanager
+def sliced_layers(model):
+    """While active (inference only), the model's NAF/ResNAF feed-forwards run `FEED_FORWARD_SLICE_BYTES` of
+    hidden activation at a time (`NAF.token_slice`) and its PEG3D convs `CONV_CHANNEL_SLICE` channels at a
+    time (`PEG3D.channel_slice`): the same per-token and per-channel arithmetic, in memory set by the tile's
+    tokens at the model's width. Restores each module's own setting afterwards."""
+    saved = []
+
+    def put(m, name, value):
+        saved.append((m, name, m.__dict__.get(name, _UNSET)))
+        setattr(m, name, value)
+
+    for m in model.modules():
+        if isinstance(m, NAF) and len(m.ffd_layer):
+            hidden = m.ffd_layer[0][1]
+            put(m, "token_slice", max(1, FEED_FORWARD_SLICE_BYTES // (hidden.out_features * hidden.weight.element_size())))
+        elif isinstance(m, PEG3D):
+            put(m, "channel_slice", CONV_CHANNEL_SLICE)
+    try:
+        yield
+    finally:
+        for m, name, v in reversed(saved):
+            if v is _UNSET:
+                delattr(m, name)
+            else:
+                setattr(m, name, v)
+
+
+_UNSET = object()
 
 
 def _param(model):
@@ -158,9 +213,21 @@ def _measure(model):
             x.narrow(axis, center * s, s).fill_(float("nan"))
             return x, 1
 
+        def features(n, axis, center):  # the bottleneck's output tokens, channels first as the latent
+            shape = [1, width, t_lat, 1, 1]
+            shape[axis] = n
+            p = torch.zeros(shape, device=dev, dtype=dtype)
+            p.narrow(axis, center, 1).fill_(float("nan"))
+            return p, s
+
+        def decoder(p):
+            return model.idwt(x=model.decoder.decode(p.permute(0, 2, 3, 4, 1)))
+
+        width = model.latent_bottleneck.phi.shape[1]
         dec = tuple(_probe(model, model.decode, latent, axis, "decode") for axis in (-2, -1))
         enc = tuple(_probe(model, model.encode, pixels, axis, "encode") for axis in (-2, -1))
-    return ReceptiveField(s, enc, dec)
+        after = tuple(_probe(model, decoder, features, axis, "decoder") for axis in (-2, -1))
+    return ReceptiveField(s, enc, dec, after)
 
 
 def receptive_field(model, refresh=False):
@@ -209,7 +276,8 @@ def _tiled(model, call, x, tile_tokens, reach, in_unit, out_unit):
     """Run `call` on each tile of x (plus its halo, clipped to the frame) and stitch the tiles' own regions.
 
     x: (..., nh * in_unit, nw * in_unit); tile_tokens: (th, tw); reach: ((before_h, after_h), (before_w, after_w))
-    in tokens; the output is (..., nh * out_unit, nw * out_unit).
+    in tokens; call(x_tile, rows, cols) returns the output of the tile's own tokens, rows and cols being
+    their slices within the tile's input (in tokens); the output is (..., nh * out_unit, nw * out_unit).
     """
     nh, nw = x.shape[-2] // in_unit, x.shape[-1] // in_unit
     spans = []
@@ -218,13 +286,66 @@ def _tiled(model, call, x, tile_tokens, reach, in_unit, out_unit):
     out = None
     for a, b, a0, b0 in spans[0]:
         for c, e, c0, e0 in spans[1]:
-            y = call(x[..., a0 * in_unit:b0 * in_unit, c0 * in_unit:e0 * in_unit])
+            y = call(x[..., a0 * in_unit:b0 * in_unit, c0 * in_unit:e0 * in_unit], slice(a - a0, b - a0),
+                     slice(c - c0, e - c0))
             _drop_caches(model)
             if out is None:
                 out = y.new_empty(y.shape[:-2] + (nh * out_unit, nw * out_unit))
-            out[..., a * out_unit:b * out_unit, c * out_unit:e * out_unit] = y[
-                ..., (a - a0) * out_unit:(b - a0) * out_unit, (c - c0) * out_unit:(e - c0) * out_unit]
+            out[..., a * out_unit:b * out_unit, c * out_unit:e * out_unit] = y
+            del y
     return out
+
+
+@contextlib.contextmanager
+def _wrapped(obj, name, wrap):
+    """While active, `obj.<name>` is wrap(what it was); afterwards exactly what it was (an attribute of the
+    instance itself, e.g. one the fused switch set, is put back; otherwise the instance's is removed)."""
+    own = name in vars(obj)
+    before = vars(obj).get(name)
+    setattr(obj, name, wrap(getattr(obj, name)))
+    try:
+        yield
+    finally:
+        if own:
+            setattr(obj, name, before)
+        else:
+            delattr(obj, name)
+
+
+def _crop_tokens(rows, cols):
+    """A wrapper of a function returning channels-last tokens (B, T, H, W, D): only rows x cols of them, as a
+    tensor of their own (so the uncropped one is freed)."""
+    def wrap(fn):
+        def cropped(*args, **kwargs):
+            return fn(*args, **kwargs)[:, :, rows, cols].contiguous()
+        return cropped
+    return wrap
+
+
+@contextlib.contextmanager
+def bottleneck_output_tokens(model, rows, cols):
+    """While active, the bottleneck's `recon` returns only `rows` x `cols` of its output tokens (slices along
+    H and W, in latent tokens): the tiled decode keeps those within the decoder's own reach of the tile, so
+    the decoder (6 of the published decode's 14 tokens of reach) runs on the tile plus its own halo only."""
+    with _wrapped(model.latent_bottleneck, "recon", _crop_tokens(rows, cols)):
+        yield
+
+
+@contextlib.contextmanager
+def decoder_output_tokens(model, rows, cols):
+    """While active, the decoder crops its token features to `rows` x `cols` (slices along H and W, in latent
+    tokens) before the per-token layers that follow them: the linear unpatch (one token -> its 8x8-pixel
+    patch of wavelet bands) and the Haar synthesis (each band sample -> its own 2x2 pixels, no overlap). So
+    the output holds just those tokens' pixels, equal to that crop of the uncropped output, without
+    computing the halo's pixels (at 128-pixel tiles with the published 14-token decode halo, 7.6x as many)."""
+    def wrap(features):
+        def cropped(x):
+            low, high = features(x)
+            return low[:, :, rows, cols], high[:, :, rows, cols]
+        return cropped
+
+    with _wrapped(model.decoder, "_feature_transform", wrap):
+        yield
 
 
 def _single_tile(n_tokens, tile_tokens):
@@ -239,12 +360,12 @@ def tiled_encode(model, x, tile_size):
     tiles = (tile_size[0] // s, tile_size[1] // s)
     image = x.ndim == 4
     # A clip of one chunk runs unchunked: the same arithmetic, without the causal caches' memory.
-    with untiled_calls(model, temporal=not image and x.shape[2] > model.chunksize_enc):
+    with untiled_calls(model, temporal=not image and x.shape[2] > model.chunksize_enc), sliced_layers(model):
         if _single_tile((x.shape[-2] // s, x.shape[-1] // s), tiles):
             z = model.encode(x)
             _drop_caches(model)
         else:
-            z = _tiled(model, model.encode, x, tiles, rf.encode, s, 1)
+            z = _tiled(model, lambda xt, rows, cols: model.encode(xt)[..., rows, cols], x, tiles, rf.encode, s, 1)
     if image:
         model.set_tile_inference(False)  # as the untiled call on an image leaves it
     return z
@@ -257,12 +378,21 @@ def tiled_decode(model, z, tile_size, is_image=False):
     s = rf.scale
     tiles = (tile_size[0] // s, tile_size[1] // s)
 
-    def call(zt):
-        return model.decode(zt, is_image=is_image)
+    def call(zt, rows, cols):
+        if rf.decoder is None:
+            with decoder_output_tokens(model, rows, cols):
+                return model.decode(zt, is_image=is_image)
+        # keep the bottleneck's output tokens within the decoder's reach of the tile's own ones, then the
+        # decoder's output tokens that are the tile's own
+        keep = [slice(max(0, own.start - before), min(n, own.stop + after))
+                for own, n, (before, after) in zip((rows, cols), zt.shape[-2:], rf.decoder)]
+        own = [slice(o.start - k.start, o.stop - k.start) for o, k in zip((rows, cols), keep)]
+        with bottleneck_output_tokens(model, *keep), decoder_output_tokens(model, *own):
+            return model.decode(zt, is_image=is_image)
 
-    with untiled_calls(model, temporal=not is_image and z.shape[2] > model.chunksize_dec):
+    with untiled_calls(model, temporal=not is_image and z.shape[2] > model.chunksize_dec), sliced_layers(model):
         if _single_tile(z.shape[-2:], tiles):
-            x = call(z)
+            x = model.decode(z, is_image=is_image)
             _drop_caches(model)
         else:
             x = _tiled(model, call, z, tiles, rf.decode, 1, s)

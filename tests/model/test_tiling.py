@@ -26,12 +26,12 @@ NARROW = dict(embedding_dim=32, l_dim=8, h_dim=24)  # the published depth, narro
 
 
 def _expected_reach(cfg):
-    """The count the probe must reproduce: encoder sep + fusion convs; decoder fusion + sep, plus the ISTA
-    bottleneck's forward and backward NAF of every iteration."""
+    """The count the probe must reproduce: encoder sep + fusion convs; decoder fusion + sep (the part after
+    the bottleneck), plus the ISTA bottleneck's forward and backward NAF of every iteration for decode."""
     a = {**leanvae.DEFAULT_ARGS, **cfg}
     enc = a["sep_num_layer"] + a["fusion_num_layer"]
-    dec = a["fusion_num_layer"] + a["sep_num_layer"] + 2 * a["ista_iter_num"] * a["ista_layer_num"]
-    return enc, dec
+    after = a["fusion_num_layer"] + a["sep_num_layer"]
+    return enc, after + 2 * a["ista_iter_num"] * a["ista_layer_num"], after
 
 
 def _model(cfg, seed=0):
@@ -62,10 +62,11 @@ def _clip(t, h, w, seed=1):
                          ids=["shallow", "published_depth", "mixed_depth"])
 def test_measured_receptive_field_is_the_conv_depth(cfg):
     rf = tiling.receptive_field(_model(cfg))
-    enc, dec = _expected_reach(cfg)
+    enc, dec, after = _expected_reach(cfg)
     assert rf.scale == 8
     assert rf.encode == ((enc, enc), (enc, enc))
     assert rf.decode == ((dec, dec), (dec, dec))
+    assert rf.decoder == ((after, after), (after, after))
 
 
 def test_probe_sees_the_same_field_through_the_fused_kernels(shallow):
@@ -100,6 +101,8 @@ def test_a_global_layer_is_found_and_refused():
 def _check_tiled(model, x, tile, chunks=None):
     """Tiled encode and decode of x equal the untiled ones within REL; the temporal switch is restored."""
     saved = model.chunksize_enc, model.chunksize_dec
+    own = lambda: (vars(model.latent_bottleneck).get("recon"), vars(model.decoder).get("_feature_transform"))  # noqa: E731
+    attrs = own()  # what the tiled decode wraps for its duration (the fused switch may have set recon)
     if chunks:
         model.chunksize_enc, model.chunksize_dec = chunks
     try:
@@ -116,6 +119,7 @@ def _check_tiled(model, x, tile, chunks=None):
     assert _rel(z, z0) <= REL, _rel(z, z0)
     assert _rel(r, r0) <= REL, _rel(r, r0)
     assert model.tile_inference is False
+    assert own() == attrs
     return z0, r0
 
 
@@ -146,6 +150,60 @@ def test_published_depth_tiles_equal_untiled(narrow, fused):
         _check_tiled(narrow, _clip(5, 32, 48), (16, 24))
 
 
+def test_feed_forward_slices_equal_untiled(shallow, monkeypatch):
+    # A tile's feed-forwards run in slices of tokens (NAF.token_slice); here 7 tokens a slice, which divides
+    # no tile's token count, so slices end mid-row and mid-frame.
+    from leanvae.modules import NAF
+
+    nafs = [m for m in shallow.modules() if isinstance(m, NAF)]
+    hidden = nafs[0].ffd_layer[0][1]
+    monkeypatch.setattr(tiling, "FEED_FORWARD_SLICE_BYTES", 7 * hidden.out_features * hidden.weight.element_size())
+    calls = []
+    hooks = [m.ffd_layer[0].register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape))
+             for m in nafs[:1]]
+    try:
+        _check_tiled(shallow, _clip(5, 24, 40), (16, 24))
+    finally:
+        for h in hooks:
+            h.remove()
+    sliced = [shape[0] for shape in calls if len(shape) == 2]  # the untiled calls see (B, T, H, W, D)
+    assert max(sliced) == 7 and min(sliced) < 7 and len(sliced) > 4  # 7-token slices, a shorter last one
+    assert all("token_slice" not in m.__dict__ for m in nafs) and NAF.token_slice is None  # restored
+    assert all("channel_slice" not in m.__dict__ for m in shallow.modules())
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_naf_feed_forward_in_slices_equals_whole(residual):
+    from leanvae.modules import NAF, ResNAF
+
+    torch.manual_seed(0)
+    naf = (ResNAF if residual else NAF)(num_layer=1, dim=16).eval()
+    x = torch.randn(2, 3, 5, 7, 16).permute(0, 1, 3, 2, 4)  # non-contiguous, as a conv's output is
+    with torch.no_grad():
+        whole = naf.feed_forward(0, x, residual=residual)
+        naf.token_slice = 9
+        sliced = naf.feed_forward(0, x, residual=residual)
+        with torch.enable_grad():  # with autograd the slices are not used (one graph for the whole input)
+            graph = naf.feed_forward(0, x.requires_grad_(), residual=residual)
+    assert sliced.shape == whole.shape == x.shape
+    assert _rel(sliced, whole) <= REL and _rel(graph, whole) <= REL
+
+
+def test_conv_in_channel_slices_equals_whole():
+    from leanvae.modules import PEG3D
+
+    torch.manual_seed(0)
+    peg = PEG3D(20).eval()
+    x = torch.randn(2, 4, 6, 5, 20)
+    with torch.no_grad():
+        whole = peg(x)
+        peg.channel_slice = 8  # slices of 8, 8 and 4 channels
+        sliced = peg(x)
+        with torch.enable_grad():  # with autograd the slices are not used
+            graph = peg(x.requires_grad_())
+    assert sliced.shape == whole.shape and _rel(sliced, whole) <= REL and _rel(graph, whole) <= REL
+
+
 def test_image_tiles_equal_untiled(shallow):
     x = _clip(1, 32, 48)[:, :, 0]
     shallow.set_tile_inference(True)
@@ -165,8 +223,10 @@ def test_temporal_switch_is_kept_on_video(shallow):
         shallow.set_tile_inference(False)
 
 
-@pytest.mark.parametrize("what", ["encode", "decode"])
+@pytest.mark.parametrize("what", ["encode", "decode", "decoder"])
 def test_a_halo_one_token_short_is_wrong(shallow, what, monkeypatch):
+    # "decoder": the tile's halo is whole, but the bottleneck's output is cropped one token too close to the
+    # tile for the decoder's own reach
     x = _clip(5, 24, 80)
     with torch.no_grad():
         z0 = shallow.encode(x)
@@ -174,7 +234,8 @@ def test_a_halo_one_token_short_is_wrong(shallow, what, monkeypatch):
     rf = tiling.receptive_field(shallow)
     short = lambda reach: tuple((b - 1, a - 1) for b, a in reach)  # noqa: E731
     cut = tiling.ReceptiveField(rf.scale, short(rf.encode) if what == "encode" else rf.encode,
-                                short(rf.decode) if what == "decode" else rf.decode)
+                                short(rf.decode) if what == "decode" else rf.decode,
+                                short(rf.decoder) if what == "decoder" else rf.decoder)
     monkeypatch.setattr(tiling, "receptive_field", lambda model, refresh=False: cut)
     shallow.enable_tiling(8, 8)
     try:
