@@ -52,3 +52,40 @@ def strided(t, kind="last"):
     out.copy_(t)
     assert kind == "offset" or not out.is_contiguous()
     return out
+
+
+def fill_disk_on_shard_write(monkeypatch, module, nth=1):
+    """Make the `nth` shard file (a name ending in .safetensors.tmp) that `module` opens behave as on a full
+    disk: its first write puts half of the bytes on disk, then raises OSError(ENOSPC). Returns the list of
+    shard paths opened so far (it grows as `module` opens them)."""
+    import errno
+
+    opened = []
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def hooked_open(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if str(path).endswith(".safetensors.tmp"):
+            opened.append(path)
+            if len(opened) == nth:
+                return Full(f)
+        return f
+
+    monkeypatch.setattr(module, "open", hooked_open, raising=False)
+    return opened

@@ -35,7 +35,7 @@ from leanvae.video import write_video  # noqa: E402
 TINY = dict(embedding_dim=48, l_dim=16, h_dim=32, sep_num_layer=1, fusion_num_layer=1)
 OPTS = dict(frames=5, videos_per_shard=2, workers=0, quiet=True)
 CLI_OPTS = ["--frames", "5", "--videos-per-shard", "2", "--workers", "0", "-q"]
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, fill_disk_on_shard_write  # noqa: E402
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
@@ -397,34 +397,7 @@ def test_second_run_into_the_same_folder_is_refused_and_the_first_completes(data
 
 # ------------------------------------------------------------------------------- write failures
 def test_disk_full_while_a_shard_is_written_is_one_line_and_resumes(data, tmp_path, monkeypatch, capsys):
-    written = []
-
-    class Full:  # the second shard's file: half of it reaches the disk, then the disk is full
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, b):
-            self.f.write(b[:len(b) // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def hooked_open(path, mode="r", *args, **kwargs):
-        f = open(path, mode, *args, **kwargs)
-        if str(path).endswith(".safetensors.tmp"):
-            written.append(path)
-            if len(written) == 2:
-                return Full(f)
-        return f
-
-    monkeypatch.setattr(shards, "open", hooked_open, raising=False)
+    fill_disk_on_shard_write(monkeypatch, shards, nth=2)  # the second shard file: half on disk, then full
     out = str(tmp_path / "out")
     assert main(["encode", data["manifest"], "--out", out, "--checkpoint", data["ckpt"]] + CLI_OPTS) == 2
     line = _one_line(capsys.readouterr().err)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import leanvae
-from helpers import ROOT, assert_close
+from helpers import ROOT, assert_close, fill_disk_on_shard_write
 
 av = pytest.importorskip("av", reason="PyAV (the [video] extra) is not installed")
 pytest.importorskip("safetensors", reason="safetensors is not installed")
@@ -287,32 +287,9 @@ def test_opencv_reader_encodes_the_same_dataset(dataset, single, tmp_path):
 
 
 def test_disk_error_stops_cleanly_and_marks_nothing_complete(dataset, tmp_path, monkeypatch, capsys):
-    import errno
-
     from leanvae import shards
 
-    class Full:  # a shard's file: half of it goes to disk, then the disk is full
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            self.f.write(data[:len(data) // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def hooked_open(path, mode="r", *args, **kwargs):
-        f = open(path, mode, *args, **kwargs)
-        return Full(f) if str(path).endswith(".safetensors.tmp") else f
-
-    monkeypatch.setattr(shards, "open", hooked_open, raising=False)
+    fill_disk_on_shard_write(monkeypatch, shards, nth=1)  # the first shard file: half on disk, then full
     out = str(tmp_path / "out")
     code = main(["encode", dataset["good"][1], "--out", out, "--checkpoint", dataset["ckpt"]] + CLI_OPTS)
     assert code == 2
