@@ -129,6 +129,7 @@ def _xdist_group(item):
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """`pytest -m gpu` (benchmarks/gpu_suite.sh's correctness stage) selects exactly the tests that run
     GPU kernels: those marked explicitly and those `_runs_gpu_kernels` recognises. `pytest -m toolchain`
