@@ -150,10 +150,21 @@ def test_published_depth_tiles_equal_untiled(narrow, fused):
         _check_tiled(narrow, _clip(5, 32, 48), (16, 24))
 
 
-def test_feed_forward_slices_equal_untiled(shallow, monkeypatch):
+def test_feed_forward_and_conv_slices_equal_untiled(shallow, monkeypatch):
     # A tile's feed-forwards run in slices of tokens (NAF.token_slice); here 7 tokens a slice, which divides
-    # no tile's token count, so slices end mid-row and mid-frame.
-    from leanvae.modules import NAF
+    # no tile's token count, so slices end mid-row and mid-frame. Its convs run in slices of 3 channels
+    # (PEG3D.channel_slice), which divides none of the model's widths (8, 16).
+    from leanvae.modules import NAF, PEG3D
+
+    monkeypatch.setattr(tiling, "CONV_CHANNEL_SLICE", 3)
+    convs = []
+    conv3d = torch.nn.functional.conv3d
+
+    def recording_conv3d(x, *args, **kwargs):
+        convs.append(x.shape[1])
+        return conv3d(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv3d", recording_conv3d)
 
     nafs = [m for m in shallow.modules() if isinstance(m, NAF)]
     hidden = nafs[0].ffd_layer[0][1]
@@ -166,6 +177,9 @@ def test_feed_forward_slices_equal_untiled(shallow, monkeypatch):
     finally:
         for h in hooks:
             h.remove()
+    # the untiled calls convolve all 8 or 16 channels at once, the tiles' calls 3 at a time (2 for the rest)
+    assert {3, 8, 16} <= set(convs) and set(convs) <= {2, 1, 3, 8, 16}
+    assert PEG3D.channel_slice is None
     sliced = [shape[0] for shape in calls if len(shape) == 2]  # the untiled calls see (B, T, H, W, D)
     assert max(sliced) == 7 and min(sliced) < 7 and len(sliced) > 4  # 7-token slices, a shorter last one
     assert all("token_slice" not in m.__dict__ for m in nafs) and NAF.token_slice is None  # restored
