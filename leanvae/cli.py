@@ -149,9 +149,13 @@ def cmd_bench(args):
     if args.parallel:
         from . import parallel
 
-        rep = parallel.bench_parallel(frames=args.frames, height=height or 256, width=width or 256, device=device,
-                                      dtype=dtype or torch.float32, latent_dim=args.latent_dim, backend=args.backend,
-                                      tile=args.tile, repeats=args.repeats, warmup=args.warmup)
+        try:
+            rep = parallel.bench_parallel(frames=args.frames, height=height or 256, width=width or 256,
+                                          device=device, dtype=dtype or torch.float32, latent_dim=args.latent_dim,
+                                          backend=args.backend, tile=args.tile, repeats=args.repeats,
+                                          warmup=args.warmup)
+        finally:
+            parallel.shutdown()
         if rep is None:  # ranks other than 0 print nothing
             return 0
         print(parallel.format_report(rep))
@@ -363,9 +367,12 @@ def _reconstruct_whole(args, model, src, t, h, w, device, dtype, fail):
         import torch.distributed as dist
 
         rank, world = dist.get_rank(), dist.get_world_size()
-        with torch.no_grad():
-            zb = parallel.encode(model, parallel.split_clip(xin, rank, world), fused=args.fused)
-            rec = parallel.gather_bands(parallel.decode(model, zb, is_image=t == 1, fused=args.fused), dim=-2)
+        try:
+            with torch.no_grad():
+                zb = parallel.encode(model, parallel.split_clip(xin, rank, world), fused=args.fused)
+                rec = parallel.gather_bands(parallel.decode(model, zb, is_image=t == 1, fused=args.fused), dim=-2)
+        finally:
+            parallel.shutdown()
         if rank != 0:
             return 0
     else:  # --tile-size: the model's exact spatial tiling, on the whole clip

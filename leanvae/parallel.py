@@ -296,6 +296,19 @@ def init_from_env(device, timeout_s=300):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def shutdown():
+    """Destroy the default process group, if one is initialised, once this rank has no collective left.
+
+    Every command that initialised it calls this before returning: a rank that exits with the group alive
+    leaves gloo's worker threads holding finished send/receive work (with tensor references) until the
+    interpreter is torn down, and freeing them then can abort the process (SIGABRT, seen here on rank 1 of
+    `reconstruct --parallel`, which returns right after the gather while rank 0 writes the video)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def bench_parallel(frames=17, height=256, width=256, device=None, dtype=torch.float32, latent_dim=4,
                    backend="reference", tile=False, repeats=1, warmup=1, single=True):
     """Per-rank time and peak activation memory of parallel encode+decode of one synthetic clip, and (on
