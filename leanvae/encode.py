@@ -29,7 +29,6 @@ import torch
 
 from . import shards as sh
 from .shards import EncodeError
-from .video import release_conversion_threads
 
 __all__ = ["encode_dataset", "decode_dataset", "EncodeError", "read_index", "load_latent"]
 
@@ -449,8 +448,6 @@ def _run_locked(videos, out, checkpoint, dist, dev, tdtype, a, options, n_shards
     ds = VideoClipDataset([videos[i] for k in todo for i in range(k * vps, min((k + 1) * vps, len(videos)))],
                           tensors=workers > 0 and _shm_room(workers * 4 * _clip_bytes(clip_options)), **clip_options)
     workers = min(workers, len(ds))
-    if workers:
-        release_conversion_threads()  # the forked workers must not inherit a PyAV conversion pool
     items = iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                              collate_fn=_identity, prefetch_factor=4 if workers else None))
     for r in range(rounds):

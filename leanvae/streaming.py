@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from .video import _INSTALL, VideoError, _import, _resolve, sws_options
+from .video import _INSTALL, VideoError, _import, _resolve, encoder_frame, sws_options
 
 
 def _set_first_chunk(roots, first):
@@ -284,10 +284,8 @@ class VideoSink:
         try:
             if self.lib == "pyav":
                 av = _import("av")
-                sws = sws_options(av)
                 for f in frames:
-                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24").reformat(format="yuv420p", **sws)
-                    for packet in self._stream.encode(frame):
+                    for packet in self._stream.encode(encoder_frame(av, f)):
                         self._container.mux(packet)
             else:
                 cv2 = _import("cv2")

@@ -72,8 +72,8 @@ class ReceptiveField(tuple):
             depends on input tokens i - before .. i + after (pixel tokens of `scale` pixels for encode,
             latent tokens for decode).
     decoder: the same for the part of decode after the bottleneck (the decoder and the inverse patch
-            transform, from the bottleneck's output tokens); None: not measured, the tiled decode then keeps
-            the bottleneck's whole output.
+            transform, from the bottleneck's output tokens); None: not measured, the tiled decode then uses
+            the whole decode's reach there (keeps all of the tile's bottleneck output).
     """
 
     __slots__ = ()
@@ -125,34 +125,36 @@ CONV_CHANNEL_SLICE = 64
 
 
 @contextlib.contextmanager
+def _wrapped(obj, name, wrap):
+    """While active, `obj.<name>` is wrap(what it was); afterwards exactly what it was (an attribute of the
+    instance itself, e.g. one the fused switch set, is put back; otherwise the instance's is removed)."""
+    own = name in vars(obj)
+    before = vars(obj).get(name)
+    setattr(obj, name, wrap(getattr(obj, name)))
+    try:
+        yield
+    finally:
+        if own:
+            setattr(obj, name, before)
+        else:
+            delattr(obj, name)
+
+
+@contextlib.contextmanager
 def sliced_layers(model):
     """While active (inference only), the model's NAF/ResNAF feed-forwards run `FEED_FORWARD_SLICE_BYTES` of
     hidden activation at a time (`NAF.token_slice`) and its PEG3D convs `CONV_CHANNEL_SLICE` channels at a
     time (`PEG3D.channel_slice`): the same per-token and per-channel arithmetic, in memory set by the tile's
     tokens at the model's width. Restores each module's own setting afterwards."""
-    saved = []
-
-    def put(m, name, value):
-        saved.append((m, name, m.__dict__.get(name, _UNSET)))
-        setattr(m, name, value)
-
-    for m in model.modules():
-        if isinstance(m, NAF) and len(m.ffd_layer):
-            hidden = m.ffd_layer[0][1]
-            put(m, "token_slice", max(1, FEED_FORWARD_SLICE_BYTES // (hidden.out_features * hidden.weight.element_size())))
-        elif isinstance(m, PEG3D):
-            put(m, "channel_slice", CONV_CHANNEL_SLICE)
-    try:
+    with contextlib.ExitStack() as stack:
+        for m in model.modules():
+            if isinstance(m, NAF) and len(m.ffd_layer):
+                hidden = m.ffd_layer[0][1]
+                n = max(1, FEED_FORWARD_SLICE_BYTES // (hidden.out_features * hidden.weight.element_size()))
+                stack.enter_context(_wrapped(m, "token_slice", lambda _, n=n: n))
+            elif isinstance(m, PEG3D):
+                stack.enter_context(_wrapped(m, "channel_slice", lambda _: CONV_CHANNEL_SLICE))
         yield
-    finally:
-        for m, name, v in reversed(saved):
-            if v is _UNSET:
-                delattr(m, name)
-            else:
-                setattr(m, name, v)
-
-
-_UNSET = object()
 
 
 def _param(model):
@@ -296,22 +298,6 @@ def _tiled(model, call, x, tile_tokens, reach, in_unit, out_unit):
     return out
 
 
-@contextlib.contextmanager
-def _wrapped(obj, name, wrap):
-    """While active, `obj.<name>` is wrap(what it was); afterwards exactly what it was (an attribute of the
-    instance itself, e.g. one the fused switch set, is put back; otherwise the instance's is removed)."""
-    own = name in vars(obj)
-    before = vars(obj).get(name)
-    setattr(obj, name, wrap(getattr(obj, name)))
-    try:
-        yield
-    finally:
-        if own:
-            setattr(obj, name, before)
-        else:
-            delattr(obj, name)
-
-
 def _crop_tokens(rows, cols):
     """A wrapper of a function returning channels-last tokens (B, T, H, W, D): only rows x cols of them, as a
     tensor of their own (so the uncropped one is freed)."""
@@ -379,13 +365,12 @@ def tiled_decode(model, z, tile_size, is_image=False):
     tiles = (tile_size[0] // s, tile_size[1] // s)
 
     def call(zt, rows, cols):
-        if rf.decoder is None:
-            with decoder_output_tokens(model, rows, cols):
-                return model.decode(zt, is_image=is_image)
-        # keep the bottleneck's output tokens within the decoder's reach of the tile's own ones, then the
-        # decoder's output tokens that are the tile's own
+        # keep the bottleneck's output tokens within the decoder's reach of the tile's own ones (without a
+        # measured decoder reach, the whole decode's: all of the tile's), then the decoder's output tokens
+        # that are the tile's own
+        reach = rf.decoder if rf.decoder is not None else rf.decode
         keep = [slice(max(0, own.start - before), min(n, own.stop + after))
-                for own, n, (before, after) in zip((rows, cols), zt.shape[-2:], rf.decoder)]
+                for own, n, (before, after) in zip((rows, cols), zt.shape[-2:], reach)]
         own = [slice(o.start - k.start, o.stop - k.start) for o, k in zip((rows, cols), keep)]
         with bottleneck_output_tokens(model, *keep), decoder_output_tokens(model, *own):
             return model.decode(zt, is_image=is_image)

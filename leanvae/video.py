@@ -70,6 +70,13 @@ def release_conversion_threads():
         pass
 
 
+def encoder_frame(av, rgb):
+    """A PyAV frame of the uint8 (H, W, 3) RGB array `rgb`, converted to the writers' yuv420p with one
+    conversion thread (`sws_options`) before the encoder sees it."""
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    return frame.reformat(format="yuv420p", **sws_options(av))
+
+
 def video_reader(reader=None):
     """The reader `read_video` uses: `reader`, else $LEANVAE_VIDEO_READER, else 'auto' (PyAV when installed,
     else OpenCV). Returns 'pyav' or 'opencv'; VideoError when the one asked for (or any) is missing."""
@@ -211,10 +218,8 @@ def _encode(av, path, frames, fps):
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if codec == "libx264":
             stream.options = {"crf": "10"}
-        sws = sws_options(av)
         for f in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24").reformat(format="yuv420p", **sws)
-            for packet in stream.encode(frame):
+            for packet in stream.encode(encoder_frame(av, f)):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
